@@ -1,0 +1,2 @@
+//! Criterion benchmark of the per-packet path (placeholder until the core lands).
+fn main() {}

@@ -1,0 +1,4 @@
+//! The `wgbond` command.
+fn main() {
+    println!("wgbond {}", env!("CARGO_PKG_VERSION"));
+}

@@ -23,3 +23,5 @@
 #![warn(missing_docs)]
 
 pub mod bond;
+pub mod config;
+pub mod keys;

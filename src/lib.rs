@@ -26,3 +26,4 @@ pub mod bond;
 pub mod cli;
 pub mod config;
 pub mod keys;
+pub mod tunnel;

@@ -632,7 +632,14 @@ fn read_document(doc: &toml_edit::ImDocument<&str>, report: &mut Report<'_>) -> 
     let root = doc.as_table();
     for (key, _) in root.iter() {
         if !TOP_KEYS.contains(&key) {
-            let at = root.key(key).and_then(|k| k.span()).map(|s| s.start);
+            // A `[header]` is located at its `[`, a `key = ..` at its key.
+            let header = root
+                .get(key)
+                .and_then(Item::as_table)
+                .and_then(|t| t.span());
+            let at = header
+                .or_else(|| root.key(key).and_then(|k| k.span()))
+                .map(|s| s.start);
             let hint = closest(key, TOP_KEYS)
                 .map(|k| format!("did you mean `{k}`? "))
                 .unwrap_or_default();
@@ -912,7 +919,11 @@ fn interface_name(
                 .path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned());
-            (stem.unwrap_or_default(), interface_at, true)
+            (
+                stem.unwrap_or_default(),
+                section.as_ref().and_then(|s| s.at).or(interface_at),
+                true,
+            )
         }
     };
     let problem = if name.is_empty() {

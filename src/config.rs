@@ -463,11 +463,19 @@ impl<'d> Section<'d> {
     }
 }
 
-/// The valid key most like `key`, when it is likely a typo.
+/// The valid key most like `key`, when it is likely a typo. Case, `_` and `-` are ignored, so
+/// wg-quick's names (`PrivateKey`, `AllowedIPs`, `ListenPort`) find ours.
 fn closest<'v>(key: &str, valid: &[&'v str]) -> Option<&'v str> {
+    let fold = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let key = fold(key);
     valid
         .iter()
-        .map(|v| (edit_distance(key, v), *v))
+        .map(|v| (edit_distance(&key, &fold(v)), *v))
         .filter(|(d, v)| *d <= 2.max(v.len() / 4))
         .min_by_key(|(d, _)| *d)
         .map(|(_, v)| v)
@@ -1897,6 +1905,17 @@ gateway = "198.51.100.1"
         assert!(!debug.contains(PRIVATE), "{debug}");
         assert!(!debug.contains(OTHER_PUBLIC), "{debug}");
         assert!(debug.contains(HUB_PUBLIC), "public keys may show");
+    }
+
+    #[test]
+    fn wg_quick_names_suggest_ours() {
+        assert_eq!(closest("PrivateKey", INTERFACE_KEYS), Some("private_key"));
+        assert_eq!(closest("AllowedIPs", PEER_KEYS), Some("allowed_ips"));
+        assert_eq!(closest("ListenPort", INTERFACE_KEYS), Some("listen_port"));
+        assert_eq!(closest("PostUp", INTERFACE_KEYS), Some("post_up"));
+        assert_eq!(closest("Peer", TOP_KEYS), Some("peer"));
+        assert_eq!(closest("listen_prot", INTERFACE_KEYS), Some("listen_port"));
+        assert_eq!(closest("colour", INTERFACE_KEYS), None);
     }
 
     #[test]

@@ -23,3 +23,6 @@
 #![warn(missing_docs)]
 
 pub mod bond;
+pub mod cli;
+pub mod config;
+pub mod keys;

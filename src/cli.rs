@@ -37,8 +37,8 @@ pub enum Command {
     Genpsk,
     /// Validate a config file; print every problem as FILE:LINE:COL: message.
     Check {
-        /// The config file.
-        config: PathBuf,
+        /// A config file, or the name of one in /etc/wgbond.
+        config: String,
     },
     /// Bring a tunnel up (CONFIG is a file, or NAME for /etc/wgbond/NAME.toml).
     Up {
@@ -79,7 +79,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Genkey => print_key(&keys::generate_private()),
         Command::Genpsk => print_key(&keys::generate_psk()),
         Command::Pubkey => pubkey(),
-        Command::Check { config } => return check(&config, verbose),
+        Command::Check { config } => return check(&resolve_config(&config), verbose),
         Command::Up { .. } => not_yet("up"),
         Command::Down { .. } => not_yet("down"),
         Command::Show { .. } => not_yet("show"),
@@ -144,5 +144,43 @@ fn check(path: &Path, verbose: u8) -> ExitCode {
             eprintln!("{errors}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_to_etc_wgbond_and_paths_stay() {
+        assert_eq!(
+            resolve_config("office"),
+            Path::new("/etc/wgbond/office.toml")
+        );
+        assert_eq!(resolve_config("office.toml"), Path::new("office.toml"));
+        assert_eq!(resolve_config("./office"), Path::new("./office"));
+        assert_eq!(resolve_config("/srv/a.toml"), Path::new("/srv/a.toml"));
+    }
+
+    #[test]
+    fn command_line_parses() {
+        let cli = Cli::try_parse_from(["wgbond", "up", "office", "--foreground", "-vv"])
+            .expect("valid command line");
+        assert_eq!(cli.verbose, 2);
+        assert!(
+            matches!(cli.command, Command::Up { ref config, foreground: true } if config == "office")
+        );
+        let cli = Cli::try_parse_from(["wgbond", "show", "--json"]).expect("valid");
+        assert!(matches!(
+            cli.command,
+            Command::Show {
+                name: None,
+                json: true
+            }
+        ));
+        assert!(
+            Cli::try_parse_from(["wgbond", "check"]).is_err(),
+            "check needs a file"
+        );
     }
 }

@@ -463,11 +463,19 @@ impl<'d> Section<'d> {
     }
 }
 
-/// The valid key most like `key`, when it is likely a typo.
+/// The valid key most like `key`, when it is likely a typo. Case, `_` and `-` are ignored, so
+/// wg-quick's names (`PrivateKey`, `AllowedIPs`, `ListenPort`) find ours.
 fn closest<'v>(key: &str, valid: &[&'v str]) -> Option<&'v str> {
+    let fold = |s: &str| -> String {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let key = fold(key);
     valid
         .iter()
-        .map(|v| (edit_distance(key, v), *v))
+        .map(|v| (edit_distance(&key, &fold(v)), *v))
         .filter(|(d, v)| *d <= 2.max(v.len() / 4))
         .min_by_key(|(d, _)| *d)
         .map(|(_, v)| v)
@@ -632,7 +640,14 @@ fn read_document(doc: &toml_edit::ImDocument<&str>, report: &mut Report<'_>) -> 
     let root = doc.as_table();
     for (key, _) in root.iter() {
         if !TOP_KEYS.contains(&key) {
-            let at = root.key(key).and_then(|k| k.span()).map(|s| s.start);
+            // A `[header]` is located at its `[`, a `key = ..` at its key.
+            let header = root
+                .get(key)
+                .and_then(Item::as_table)
+                .and_then(|t| t.span());
+            let at = header
+                .or_else(|| root.key(key).and_then(|k| k.span()))
+                .map(|s| s.start);
             let hint = closest(key, TOP_KEYS)
                 .map(|k| format!("did you mean `{k}`? "))
                 .unwrap_or_default();
@@ -912,7 +927,11 @@ fn interface_name(
                 .path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned());
-            (stem.unwrap_or_default(), interface_at, true)
+            (
+                stem.unwrap_or_default(),
+                section.as_ref().and_then(|s| s.at).or(interface_at),
+                true,
+            )
         }
     };
     let problem = if name.is_empty() {
@@ -924,11 +943,11 @@ fn interface_name(
         ))
     } else if !name
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_.-=+@".contains(&b))
+        .all(|b| b.is_ascii_alphanumeric() || b"_.-=+".contains(&b))
         || name == "."
         || name == ".."
     {
-        Some("may only hold letters, digits and `_.-=+@`".to_string())
+        Some("may only hold letters, digits and `_.-=+` (like wg-quick's names)".to_string())
     } else {
         None
     };
@@ -1679,5 +1698,234 @@ fn check_allowed_ips_unique(
                 seen.push((*net, i));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIVATE: &str = "CHeGN8rpPEXqFrWgiwybzCGhnNqvYo8171cyQAqjnlY=";
+    const HUB_PUBLIC: &str = "weJrjrGjRxiAxqLortWGvcfnhlCZJlybUYHAxbATFng=";
+    const OTHER_PUBLIC: &str = "Bysg2iciL3R1Kx9cWTbnJt9elE6te7yHVij4ZKY3xTs=";
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, Path::new("/etc/wgbond/wgb0.toml"))
+    }
+
+    fn minimal_site() -> String {
+        format!(
+            "[interface]\nprivate_key = \"{PRIVATE}\"\n\n[[peer]]\npublic_key = \"{HUB_PUBLIC}\"\n\
+             endpoint = \"hub.example.net:51820\"\n\n[[link]]\nname = \"cable\"\nbind_interface = \"eth1\"\n"
+        )
+    }
+
+    #[test]
+    fn defaults_of_a_minimal_site() {
+        let c = parse(&minimal_site()).expect("valid");
+        assert_eq!(c.name, "wgb0");
+        assert_eq!(c.role(), Role::Site);
+        assert_eq!(c.interface.mtu, DEFAULT_MTU);
+        assert_eq!(c.interface.table, RouteTable::Auto);
+        assert_eq!(c.interface.listen_port, None);
+        assert_eq!(c.interface.fwmark, None);
+        assert!(c.interface.addresses.is_empty() && c.interface.dns.is_empty());
+        assert!(c.interface.pre_up.is_empty() && c.interface.post_down.is_empty());
+        assert_eq!(c.interface.metrics_listen, None);
+        assert_eq!(c.bond, BondSection::default());
+        assert_eq!(c.bond.mode, bond::Mode::Auto);
+        assert_eq!(c.bond.probe_interval, Duration::from_millis(100));
+        let peer = &c.peers[0];
+        assert_eq!(peer.persistent_keepalive, None);
+        assert_eq!(peer.preshared_key, None);
+        assert!(peer.allowed_ips.is_empty());
+        let link = &c.links[0];
+        assert_eq!(link.bind, LinkBind::Interface("eth1".into()));
+        assert_eq!(
+            (link.priority, link.max_rate_mbit, link.gateway),
+            (0, None, None)
+        );
+        assert_eq!(c.link_endpoint(link), Some("hub.example.net:51820"));
+        assert_eq!(
+            crate::keys::encode(&c.interface.private_key),
+            PRIVATE,
+            "the key is decoded, not re-derived"
+        );
+    }
+
+    #[test]
+    fn values_are_read_and_normalised() {
+        let text = format!(
+            r#"[interface]
+name = "bond0"
+private_key = "{PRIVATE}"
+address = "10.99.0.2"
+listen_port = 40000
+mtu = 1280
+table = "main"
+fwmark = "0xca6c"
+dns = "10.99.0.1"
+pre_up = "echo %i"
+post_up = ["a", "b"]
+metrics_listen = "[::1]:9586"
+
+[bond]
+mode = "failover"
+probe_interval_ms = 50
+reorder_max_ms = 200
+max_queue_delay_ms = 30
+
+[[peer]]
+name = "hub"
+public_key = "{HUB_PUBLIC}"
+preshared_key = "{OTHER_PUBLIC}"
+allowed_ips = ["10.1.2.3/8", "fd00::1/64", "192.0.2.1"]
+endpoint = "[2001:db8::1]:51820"
+persistent_keepalive = 0
+
+[[link]]
+name = "sat"
+bind_address = "198.51.100.2"
+priority = 2
+max_rate_mbit = 12.5
+endpoint = "203.0.113.9:51820"
+gateway = "198.51.100.1"
+"#
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.name, "bond0");
+        let i = &c.interface;
+        assert_eq!(
+            i.addresses,
+            vec!["10.99.0.2/32".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!((i.listen_port, i.mtu), (Some(40000), 1280));
+        assert_eq!(i.table, RouteTable::Id(254));
+        assert_eq!(i.fwmark, Some(0xca6c));
+        assert_eq!(i.dns, vec!["10.99.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(i.pre_up, vec!["echo %i".to_string()]);
+        assert_eq!(i.post_up, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(i.metrics_listen, Some("[::1]:9586".parse().unwrap()));
+        assert_eq!(c.bond.mode, bond::Mode::Failover);
+        assert_eq!(c.bond.probe_interval, Duration::from_millis(50));
+        assert_eq!(c.bond.reorder_max_wait, Duration::from_millis(200));
+        assert_eq!(c.bond.max_queue_delay, Duration::from_millis(30));
+        let p = &c.peers[0];
+        assert_eq!(p.name.as_deref(), Some("hub"));
+        assert!(p.preshared_key.is_some());
+        // Host bits are cleared, like `wg`; a bare address is a host route.
+        let nets: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "fd00::/64", "192.0.2.1/32"]);
+        assert_eq!(p.persistent_keepalive, None, "0 means off");
+        let l = &c.links[0];
+        assert_eq!(l.bind, LinkBind::Address("198.51.100.2".parse().unwrap()));
+        assert_eq!(l.priority, 2);
+        assert_eq!(l.max_rate_mbit, Some(12.5));
+        assert_eq!(l.bond_link_config().max_rate_bps, Some(12_500_000));
+        assert_eq!(c.link_endpoint(l), Some("203.0.113.9:51820"));
+        assert_eq!(l.gateway, Some("198.51.100.1".parse().unwrap()));
+        let core = c.bond.bond_config(true, 7);
+        assert_eq!(
+            (core.mode, core.sends_hello, core.bond_id),
+            (bond::Mode::Failover, true, 7)
+        );
+    }
+
+    #[test]
+    fn inline_tables_work_like_sections() {
+        let text = format!(
+            "interface = {{ private_key = \"{PRIVATE}\", listen_port = 51820 }}\n\
+             peer = [{{ public_key = \"{HUB_PUBLIC}\", allowed_ips = [\"10.99.0.2/32\"] }}]\n"
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.role(), Role::Hub);
+        assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn hub_rejects_the_same_network_on_two_peers() {
+        let text = format!(
+            "[interface]\nprivate_key = \"{PRIVATE}\"\nlisten_port = 51820\n\n\
+             [[peer]]\npublic_key = \"{HUB_PUBLIC}\"\nallowed_ips = [\"10.99.0.2/32\"]\n\n\
+             [[peer]]\npublic_key = \"{OTHER_PUBLIC}\"\nallowed_ips = [\"10.99.0.2/32\"]\n"
+        );
+        let errors = parse(&text).expect_err("ambiguous routing");
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!((errors.0[0].line, errors.0[0].column), (11, 15));
+        assert!(errors.0[0]
+            .message
+            .contains("also routed to the peer on line 5"));
+    }
+
+    #[test]
+    fn too_many_links() {
+        let mut text = minimal_site();
+        for i in 0..MAX_LINKS {
+            text.push_str(&format!(
+                "\n[[link]]\nname = \"l{i}\"\nbind_interface = \"eth{i}\"\n"
+            ));
+        }
+        let errors = parse(&text).expect_err("17 links");
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0]
+            .message
+            .contains("too many links: 17 [[link]] sections, at most 16"));
+    }
+
+    #[test]
+    fn ipv6_address_needs_mtu_1280() {
+        let text = minimal_site().replace(
+            "[interface]\n",
+            "[interface]\naddress = [\"fd99::2/64\"]\nmtu = 1200\n",
+        );
+        let errors = parse(&text).expect_err("mtu");
+        assert!(errors.to_string().contains("below 1280"), "{errors}");
+    }
+
+    #[test]
+    fn line_and_column_count_characters_not_bytes() {
+        // The multi-byte `ü` before the error must count as one column.
+        let text = minimal_site().replace(
+            "[interface]\n",
+            "[interface]\npost_up = [\"echo für\", 5]\n",
+        );
+        let errors = parse(&text).expect_err("post_up");
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!((errors.0[0].line, errors.0[0].column), (2, 24), "{errors}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let text = minimal_site().replace(
+            "endpoint =",
+            &format!("preshared_key = \"{OTHER_PUBLIC}\"\nendpoint ="),
+        );
+        let c = parse(&text).expect("valid");
+        let debug = format!("{c:?}");
+        assert!(!debug.contains(PRIVATE), "{debug}");
+        assert!(!debug.contains(OTHER_PUBLIC), "{debug}");
+        assert!(debug.contains(HUB_PUBLIC), "public keys may show");
+    }
+
+    #[test]
+    fn wg_quick_names_suggest_ours() {
+        assert_eq!(closest("PrivateKey", INTERFACE_KEYS), Some("private_key"));
+        assert_eq!(closest("AllowedIPs", PEER_KEYS), Some("allowed_ips"));
+        assert_eq!(closest("ListenPort", INTERFACE_KEYS), Some("listen_port"));
+        assert_eq!(closest("PostUp", INTERFACE_KEYS), Some("post_up"));
+        assert_eq!(closest("Peer", TOP_KEYS), Some("peer"));
+        assert_eq!(closest("listen_prot", INTERFACE_KEYS), Some("listen_port"));
+        assert_eq!(closest("colour", INTERFACE_KEYS), None);
+    }
+
+    #[test]
+    fn every_key_is_listed_once() {
+        let keys = all_keys();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), keys.len());
+        assert!(keys.contains(&"interface.private_key_file".to_string()));
+        assert!(keys.contains(&"link.gateway".to_string()));
     }
 }

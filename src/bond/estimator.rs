@@ -63,9 +63,15 @@ pub struct LinkEstimator {
     startup_rounds_flat: u32,
     /// Last feedback entry processed: (receiver time, highest link seq, packets, bytes).
     last_feedback: Option<(u32, u32, u32, u64)>,
+    /// Start of the current delivery-rate sample: (receiver time, bytes, app-limited).
+    rate_base: Option<(u32, u64, bool)>,
     /// Relative one-way delay and jitter the peer measured for this link, microseconds.
     owd_us: Option<i32>,
+    min_owd_us: Option<i32>,
     jitter_us: u32,
+    /// When the link's bottleneck (the modem) would have sent everything we gave it, if it
+    /// runs at the estimated rate: our prediction of its queue.
+    modem_busy_until: Instant,
 }
 
 impl LinkEstimator {
@@ -91,8 +97,11 @@ impl LinkEstimator {
             startup_best: 0,
             startup_rounds_flat: 0,
             last_feedback: None,
+            rate_base: None,
             owd_us: None,
+            min_owd_us: None,
             jitter_us: 0,
+            modem_busy_until: now,
         }
     }
 
@@ -134,6 +143,29 @@ impl LinkEstimator {
     /// One-way delay reported by the peer (relative: compare links, not absolute), and jitter.
     pub fn owd_us(&self) -> Option<(i32, u32)> {
         self.owd_us.map(|o| (o, self.jitter_us))
+    }
+
+    /// Lowest one-way delay reported by the peer (relative, wrapping; compare links only).
+    pub fn base_owd_us(&self) -> Option<i32> {
+        self.min_owd_us
+    }
+
+    /// Predicted queueing delay at the link's bottleneck for a packet sent now.
+    pub fn modem_queue(&self, now: Instant) -> Duration {
+        self.modem_busy_until.saturating_duration_since(now)
+    }
+
+    /// Accounts a datagram of `wire_bytes` sent now in the predicted bottleneck queue.
+    pub fn on_sent(&mut self, wire_bytes: usize, now: Instant) {
+        // In startup the capacity is unknown and deliberately exceeded: assume no queue.
+        let rate = if self.phase == Phase::Startup {
+            self.pacing_rate_bps()
+        } else {
+            self.est_rate_bps
+        }
+        .max(MIN_RATE_BPS);
+        let tx = Duration::from_nanos(wire_bytes as u64 * 8 * 1_000_000_000 / rate);
+        self.modem_busy_until = self.modem_busy_until.max(now) + tx;
     }
 
     /// Rate to pace this link at, bits per second.
@@ -209,7 +241,7 @@ impl LinkEstimator {
                 self.rttvar = rtt / 2;
             }
             Some(srtt) => {
-                let diff = if srtt > rtt { srtt - rtt } else { rtt - srtt };
+                let diff = srtt.abs_diff(rtt);
                 self.rttvar = (self.rttvar * 3 + diff) / 4;
                 self.srtt = Some((srtt * 7 + rtt) / 8);
             }
@@ -217,7 +249,8 @@ impl LinkEstimator {
         // Windowed min: a sample older than 10 s is replaced by the current one, so a route
         // change to a longer path is eventually accepted.
         match self.min_rtt {
-            Some((m, at)) if m <= rtt && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
+            Some((m, at))
+                if m <= rtt && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
             _ => self.min_rtt = Some((rtt, now)),
         }
         self.on_ack(now);
@@ -291,6 +324,7 @@ impl LinkEstimator {
             entry.bytes,
         ));
         self.owd_us = Some(entry.owd_us);
+        self.min_owd_us = Some(entry.min_owd_us);
         self.jitter_us = entry.jitter_us;
         let Some((t0, hi0, pk0, by0)) = prev else {
             return;
@@ -317,12 +351,35 @@ impl LinkEstimator {
         if s >= 20 {
             self.loss = l as f64 / s as f64;
         }
-        let dt_us = u64::from(recv_time_us.wrapping_sub(t0));
-        let bytes = entry.bytes.wrapping_sub(by0);
-        if dt_us >= 1000 && dt_us < 10_000_000 && bytes < 1 << 40 {
-            let rate = bytes * 8 * 1_000_000 / dt_us;
-            self.on_rate_sample(rate, now, app_limited);
+        let _ = (t0, by0);
+        // Delivery rate over at least one round: shorter samples are noisy, and a noisy
+        // high sample in the max filter would pace above capacity and build a queue.
+        let (bt, bb, blimited) =
+            *self
+                .rate_base
+                .get_or_insert((recv_time_us, entry.bytes, app_limited));
+        let limited = blimited || app_limited;
+        let dt_us = u64::from(recv_time_us.wrapping_sub(bt));
+        let bytes = entry.bytes.wrapping_sub(bb);
+        if dt_us >= 10_000_000 || bytes >= 1 << 40 {
+            self.rate_base = Some((recv_time_us, entry.bytes, app_limited));
+        } else if dt_us as u128 >= self.sample_interval().as_micros() {
+            let rate = bytes * 8 * 1_000_000 / dt_us.max(1);
+            self.rate_base = Some((recv_time_us, entry.bytes, false));
+            self.on_rate_sample(rate, now, limited);
+        } else if app_limited {
+            self.rate_base = Some((bt, bb, true));
         }
+    }
+
+    fn sample_interval(&self) -> Duration {
+        self.round().max(Duration::from_millis(40))
+    }
+
+    /// The bottleneck queue, as the latest RTT shows it, is (nearly) empty.
+    fn queue_drained(&self) -> bool {
+        self.min_rtt()
+            .is_none_or(|m| self.latest_rtt <= m + (m / 8).max(Duration::from_millis(2)))
     }
 
     fn on_rate_sample(&mut self, rate: u64, now: Instant, app_limited: bool) {
@@ -352,7 +409,15 @@ impl LinkEstimator {
         let elapsed = now.saturating_duration_since(self.phase_start);
         match self.phase {
             Phase::Startup => {
-                if elapsed < self.round() {
+                // A queue is building: the capacity has been found.
+                if !self.queue_drained() && self.est_rate_bps > INITIAL_RATE_BPS {
+                    self.phase = Phase::Drain;
+                    self.phase_start = now;
+                    return;
+                }
+                // Rate samples lag a round trip and a feedback interval behind the pacing
+                // rate: judge growth over rounds that long.
+                if elapsed < self.round() + self.sample_interval() {
                     return;
                 }
                 self.phase_start = now;
@@ -365,24 +430,25 @@ impl LinkEstimator {
                         self.phase = Phase::Drain;
                     }
                 }
-                if self
-                    .max_rate_bps
-                    .is_some_and(|m| self.est_rate_bps >= m)
-                {
+                if self.max_rate_bps.is_some_and(|m| self.est_rate_bps >= m) {
                     self.phase = Phase::Cycle(2);
                 }
             }
             Phase::Drain => {
-                let queued = self
-                    .min_rtt()
-                    .is_some_and(|m| self.latest_rtt > m + m / 4 + Duration::from_millis(2));
-                if !queued || elapsed >= 3 * self.round() {
+                if self.queue_drained() || elapsed >= 5 * self.round() {
                     self.phase = Phase::Cycle(2);
                     self.phase_start = now;
                 }
             }
             Phase::Cycle(i) => {
-                if elapsed >= self.round() {
+                // The pace-below phase lasts until the queue the probe built is gone (or
+                // four rounds), so no standing queue survives a cycle.
+                let done = if CYCLE_GAINS[i] < 1.0 {
+                    elapsed >= self.round() && (self.queue_drained() || elapsed >= 2 * self.round())
+                } else {
+                    elapsed >= self.round()
+                };
+                if done {
                     self.phase = Phase::Cycle((i + 1) % CYCLE_GAINS.len());
                     self.phase_start = now;
                 }
@@ -418,7 +484,10 @@ impl RxLinkMeter {
             self.highest_link_seq = link_seq;
         }
         self.packets = self.packets.wrapping_add(1);
-        self.bytes = self.bytes.wrapping_add(len as u64);
+        // Counted as on the wire, so that rates compare with what the link carries.
+        self.bytes = self
+            .bytes
+            .wrapping_add((len + super::TUNNEL_OVERHEAD) as u64);
         self.dirty = true;
         self.last_data = Some(now);
         // Smoothed OWD (gain 1/8) and mean deviation (gain 1/16, as RTP's jitter).
@@ -441,6 +510,11 @@ impl RxLinkMeter {
     /// Smoothed one-way delay (wrapping, relative) and jitter, microseconds.
     pub fn owd(&self) -> Option<(u32, u64)> {
         self.owd
+    }
+
+    /// Lowest recent one-way delay (wrapping, relative), microseconds.
+    pub fn min_owd(&self) -> Option<u32> {
+        self.min_owd.map(|(m, _)| m)
     }
 
     /// Forgets everything (the peer restarted).
@@ -476,7 +550,10 @@ mod tests {
         e.on_rtt_sample(Duration::from_millis(20), t0 + Duration::from_millis(20));
         assert_eq!(e.state(), LinkState::Up);
         for i in 0..50 {
-            e.on_rtt_sample(Duration::from_millis(30), t0 + Duration::from_millis(40 + i));
+            e.on_rtt_sample(
+                Duration::from_millis(30),
+                t0 + Duration::from_millis(40 + i),
+            );
         }
         let srtt = e.srtt().unwrap();
         assert!(srtt > Duration::from_millis(29) && srtt <= Duration::from_millis(30));
@@ -493,11 +570,17 @@ mod tests {
         e.on_probe_sent(t1);
         let deadline = e.dead_deadline().unwrap();
         assert!(deadline <= t1 + Duration::from_millis(160));
-        assert_eq!(e.update_state(deadline - Duration::from_millis(1)), Some(LinkState::Degraded));
+        assert_eq!(
+            e.update_state(deadline - Duration::from_millis(1)),
+            Some(LinkState::Degraded)
+        );
         assert_eq!(e.update_state(deadline), Some(LinkState::Down));
         for i in 0..3 {
             assert_eq!(e.state(), LinkState::Down);
-            e.on_rtt_sample(Duration::from_millis(20), deadline + Duration::from_millis(i));
+            e.on_rtt_sample(
+                Duration::from_millis(20),
+                deadline + Duration::from_millis(i),
+            );
         }
         assert_eq!(e.state(), LinkState::Up);
     }

@@ -213,7 +213,7 @@ const PACING_BURST: Duration = Duration::from_millis(2);
 const HELLO_RETRY: Duration = Duration::from_secs(1);
 const HELLO_REFRESH: Duration = Duration::from_secs(10);
 /// Lowest adaptive reorder timeout.
-const MIN_REORDER_WAIT: Duration = Duration::from_millis(3);
+const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
 /// Bytes WireGuard, UDP and IP add to every datagram, for pacing on the wire.
 pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
 /// Links with data within this time count for the reorder timeout.
@@ -244,11 +244,18 @@ struct Link {
 }
 
 impl Link {
+    /// How long a packet queued now waits before it leaves the link's bottleneck: behind our
+    /// pacing queue, or behind what the modem still has to send (predicted from the
+    /// estimated rate), whichever is longer. The queue drains at the estimated rate on
+    /// average: the pacing gain cycles around it, and using the momentary gain would be
+    /// wrong for every packet that waits through a phase change.
     fn queue_delay(&self, now: Instant) -> Duration {
-        let rate = self.est.pacing_rate_bps().max(1);
         let bits = (self.queued_bytes + self.queue.len() * TUNNEL_OVERHEAD) as u64 * 8;
-        Duration::from_nanos(bits.saturating_mul(1_000_000_000) / rate)
-            + self.next_send.saturating_duration_since(now)
+        let rate = self.est.est_rate_bps();
+        let drain = Duration::from_nanos(bits.saturating_mul(1_000_000_000) / rate.max(1));
+        let paced = drain + self.next_send.saturating_duration_since(now);
+        let modem = self.est.modem_queue(now) + drain;
+        paced.max(modem)
     }
 }
 
@@ -267,6 +274,10 @@ pub struct Bond {
     next_feedback: Option<Instant>,
     peer_bond_id: Option<u64>,
     cands: Vec<Candidate>,
+    /// Added to the reorder timeout while packets keep arriving after their gap was skipped
+    /// (the timeout was too short), decaying when they stop.
+    reorder_extra: Duration,
+    late_seen: u64,
 }
 
 impl Bond {
@@ -291,6 +302,8 @@ impl Bond {
             next_feedback: None,
             peer_bond_id: None,
             cands: Vec::new(),
+            reorder_extra: Duration::ZERO,
+            late_seen: 0,
         }
     }
 
@@ -374,21 +387,23 @@ impl Bond {
     /// Builds the scheduler's view of every link.
     fn fill_candidates(&mut self, now: Instant) {
         self.cands.clear();
-        // One-way delays relative to the fastest link, from the peer's measurements when every
-        // link has them (clock offsets cancel in differences), else half the RTT.
-        let all_owd = self.links.iter().all(|l| l.est.owd_us().is_some());
+        // Expected one-way delay: the link's base delay relative to the fastest link, from the
+        // peer's measurements when every link has them (clock offsets cancel in differences),
+        // else half the RTT. Queueing is in `queue_delay`.
+        let all_owd = self.links.iter().all(|l| l.est.base_owd_us().is_some());
         let base = self
             .links
             .iter()
-            .filter_map(|l| l.est.owd_us().map(|(o, _)| o as u32))
+            .filter_map(|l| l.est.base_owd_us().map(|o| o as u32))
             .reduce(|a, b| if (b.wrapping_sub(a) as i32) < 0 { b } else { a });
         for (index, l) in self.links.iter().enumerate() {
-            let owd = match (all_owd, l.est.owd_us(), base) {
-                (true, Some((o, _)), Some(b)) => {
+            let base_owd = match (all_owd, l.est.base_owd_us(), base) {
+                (true, Some(o), Some(b)) => {
                     Duration::from_micros(u64::from((o as u32).wrapping_sub(b)).min(10_000_000))
                 }
-                _ => l.est.srtt().unwrap_or(Duration::from_millis(100)) / 2,
+                _ => l.est.min_rtt().unwrap_or(Duration::from_millis(100)) / 2,
             };
+            let owd = base_owd;
             self.cands.push(Candidate {
                 index,
                 state: l.est.state(),
@@ -407,13 +422,15 @@ impl Bond {
             return;
         }
         self.stats.sent_packets += 1;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.enqueue(seq, packet, None, now);
+        // A packet dropped here takes no sequence number, so the receiver sees no gap.
+        if self.enqueue(self.next_seq, packet, None, now) {
+            self.next_seq += 1;
+        }
     }
 
-    /// Schedules one packet; `data` is a buffer holding it already (rescheduling).
-    fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) {
+    /// Schedules one packet; `data` is a buffer holding it already (rescheduling). False if
+    /// no link took it.
+    fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) -> bool {
         self.fill_candidates(now);
         let critical = self.config.mode == Mode::Auto && scheduler::is_critical(packet);
         let targets = scheduler::choose(self.config.mode, &self.cands, critical);
@@ -461,6 +478,7 @@ impl Bond {
         if !sent {
             self.stats.send_drops += 1;
         }
+        sent
     }
 
     /// Puts the packets of a queue that can no longer send (link down or removed) on other
@@ -473,7 +491,7 @@ impl Bond {
                 continue;
             }
             let copy = q.data.clone();
-            self.enqueue(q.seq, &copy, Some(q.data), now);
+            let _ = self.enqueue(q.seq, &copy, Some(q.data), now);
         }
     }
 
@@ -518,9 +536,16 @@ impl Bond {
                 self.links[i]
                     .rx
                     .on_data(trailer.link_seq, plaintext.len(), owd, now);
-                self.next_feedback
-                    .get_or_insert(now + FEEDBACK_INTERVAL);
+                self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
                 self.reorder.insert(trailer.seq, packet, now);
+                let late = self.reorder.stats().late;
+                if late > self.late_seen {
+                    // A packet came after its gap was given up: wait longer from now on.
+                    self.late_seen = late;
+                    self.reorder_extra = (self.reorder_extra * 3 / 2 + Duration::from_millis(2))
+                        .min(self.config.reorder_max_wait);
+                    self.update_reorder_timeout(now);
+                }
                 self.reorder_deadline = self.reorder.deadline();
             }
             Message::Control(c) => self.handle_control(i, c, now),
@@ -648,6 +673,7 @@ impl Bond {
         if self.next_feedback.is_some_and(|t| now >= t) {
             self.next_feedback = None;
             self.send_feedback(now);
+            self.reorder_extra = self.reorder_extra * 63 / 64;
             self.update_reorder_timeout(now);
         }
         self.reorder.handle_timeout(now);
@@ -682,14 +708,16 @@ impl Bond {
     /// that carried data recently.
     fn update_reorder_timeout(&mut self, now: Instant) {
         let recent = self.links.iter().filter(|l| {
-            l.rx
-                .last_data
+            l.rx.last_data
                 .is_some_and(|t| now.saturating_duration_since(t) < RECENT_DATA)
         });
         let mut base: Option<u32> = None;
         let mut spread: i64 = 0;
         let mut jitter: u64 = 0;
-        let owds: Vec<(u32, u64)> = recent.filter_map(|l| l.rx.owd()).collect();
+        // Base delays (recent minimum) set the spread: queueing is the sender's to predict.
+        let owds: Vec<(u32, u64)> = recent
+            .filter_map(|l| Some((l.rx.min_owd()?, l.rx.owd()?.1)))
+            .collect();
         for &(o, j) in &owds {
             jitter = jitter.max(j);
             match base {
@@ -703,7 +731,9 @@ impl Bond {
                 spread = spread.max(i64::from(o.wrapping_sub(b) as i32));
             }
         }
-        let t = Duration::from_micros(spread as u64 + 4 * jitter) + MIN_REORDER_WAIT;
+        let t = Duration::from_micros(spread as u64 + 4 * jitter)
+            + MIN_REORDER_WAIT
+            + self.reorder_extra;
         self.reorder
             .set_timeout(t.min(self.config.reorder_max_wait));
     }
@@ -746,10 +776,10 @@ impl Bond {
             };
             l.link_seq = l.link_seq.wrapping_add(1);
             wire::encode_data(&q.data, &trailer, buf);
+            l.est.on_sent(buf.len() + TUNNEL_OVERHEAD, now);
             let wire_bits = (buf.len() + TUNNEL_OVERHEAD) as u64 * 8;
-            let tx = Duration::from_nanos(
-                wire_bits * 1_000_000_000 / l.est.pacing_rate_bps().max(1),
-            );
+            let tx =
+                Duration::from_nanos(wire_bits * 1_000_000_000 / l.est.pacing_rate_bps().max(1));
             l.next_send = l.next_send.max(now - PACING_BURST.min(now - self.epoch)) + tx;
             l.stats.tx_packets += 1;
             l.stats.tx_bytes += buf.len() as u64;

@@ -281,7 +281,8 @@ impl ReorderBuffer {
         let next = self.next?;
         while let Some(&(seq, at)) = self.arrivals.front() {
             let idx = (seq & self.mask) as usize;
-            let still_buffered = seq >= next && self.slots[idx].as_ref().is_some_and(|s| s.seq == seq);
+            let still_buffered =
+                seq >= next && self.slots[idx].as_ref().is_some_and(|s| s.seq == seq);
             if still_buffered {
                 return Some(at + self.timeout);
             }

@@ -81,11 +81,7 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
     let mut t = Targets::default();
     // Only the healthiest class of link is eligible: usable links, else links still probing
     // (start-up), else anything (every link looks down: try them all rather than go silent).
-    let Some(best_rank) = cands
-        .iter()
-        .map(|c| state_rank(c.state).min(2))
-        .min()
-    else {
+    let Some(best_rank) = cands.iter().map(|c| state_rank(c.state).min(2)).min() else {
         return t;
     };
     let eligible = |c: &&Candidate| {
@@ -211,9 +207,15 @@ mod tests {
         ];
         assert_eq!(choose(Mode::Duplicate, &c, false).as_slice(), &[1, 2]);
         assert_eq!(choose(Mode::Failover, &c, false).as_slice(), &[1]);
-        let c = [cand(0, LinkState::Down, 0, 0), cand(1, LinkState::Probing, 0, 0)];
+        let c = [
+            cand(0, LinkState::Down, 0, 0),
+            cand(1, LinkState::Probing, 0, 0),
+        ];
         assert_eq!(choose(Mode::Failover, &c, false).as_slice(), &[1]);
-        let c = [cand(0, LinkState::Down, 0, 0), cand(1, LinkState::Down, 0, 0)];
+        let c = [
+            cand(0, LinkState::Down, 0, 0),
+            cand(1, LinkState::Down, 0, 0),
+        ];
         assert_eq!(choose(Mode::Duplicate, &c, false).as_slice(), &[0, 1]);
     }
 

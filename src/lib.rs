@@ -23,3 +23,4 @@
 #![warn(missing_docs)]
 
 pub mod bond;
+pub mod io;

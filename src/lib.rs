@@ -25,5 +25,6 @@
 pub mod bond;
 pub mod cli;
 pub mod config;
+pub mod io;
 pub mod keys;
 pub mod tunnel;

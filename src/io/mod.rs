@@ -1,4 +1,8 @@
 //! The tokio IO layer: TUN device, one UDP socket per link, kernel network configuration,
 //! control socket.
 
+pub mod allowed_ips;
+pub mod control;
+pub mod daemon;
+pub mod launch;
 pub mod netcfg;

@@ -94,7 +94,7 @@ pub struct Inbound {
 }
 
 /// Datagrams the hub dropped, by reason (summed over all sessions, past and present).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HubCounters {
     /// Not a WireGuard message, or a plaintext that is not ours.
     pub malformed: u64,

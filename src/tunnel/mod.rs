@@ -133,8 +133,10 @@ impl Received {
 pub struct TunnelCounters {
     /// Authenticated datagrams received.
     pub rx_datagrams: u64,
-    /// Datagrams rejected as malformed, unauthenticated or for no session.
+    /// Datagrams rejected as malformed or for no session.
     pub rx_bad: u64,
+    /// Datagrams that failed authentication (bad MAC or AEAD tag, wrong key or index).
+    pub rx_unauthenticated: u64,
     /// Datagrams rejected by the replay window (or old handshake timestamps).
     pub rx_replayed: u64,
     /// Handshakes refused under load.
@@ -390,6 +392,7 @@ impl LinkTunnel {
         match r {
             Reject::Replayed => self.counters.rx_replayed += 1,
             Reject::RateLimited => self.counters.rx_rate_limited += 1,
+            Reject::Unauthenticated => self.counters.rx_unauthenticated += 1,
             Reject::BufferTooSmall | Reject::Expired => {}
             _ => self.counters.rx_bad += 1,
         }
@@ -580,7 +583,7 @@ pub(crate) mod tests {
         assert_eq!(b.counters().rx_replayed, 1);
         // Every truncation: malformed, or (its counter was seen) caught by the replay check
         // before any decryption.
-        let rejected = |c: TunnelCounters| c.rx_bad + c.rx_replayed;
+        let rejected = |c: TunnelCounters| c.rx_bad + c.rx_replayed + c.rx_unauthenticated;
         let before = rejected(b.counters());
         for cut in 1..d.len() {
             assert!(b.decapsulate(None, &d[..cut], &mut out, &mut sink).is_err());
@@ -599,6 +602,7 @@ pub(crate) mod tests {
             b.decapsulate(None, &flipped, &mut out, &mut sink),
             Err(Reject::Unauthenticated)
         );
+        assert_eq!(b.counters().rx_unauthenticated, 1);
         assert!(matches!(
             b.decapsulate(None, &fresh, &mut out, &mut sink),
             Ok(Received::Plaintext(_))

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Smoke test of the bonded tunnel end to end, no link emulator: a site with two WANs and a hub
+# with one public address, each in its own network namespace, joined by two veth pairs.
+#
+#   site namespace                                 hub namespace
+#   +---------------------------+                  +-------------------------------+
+#   | wgbsite 10.99.0.2/24 (TUN)|                  | wgbhub 10.99.0.1/24 (TUN)     |
+#   | wan0 192.0.2.2/24     ----+-- veth pair 0 ---+ h0 192.0.2.1/24               |
+#   | wan1 198.51.100.2/24  ----+-- veth pair 1 ---+ h1 198.51.100.1/24            |
+#   | default via .1 on each WAN|                  | lo 203.0.113.1/32 (public),   |
+#   | (metric 100 / 200)        |                  | UDP port 51820                |
+#   +---------------------------+                  +-------------------------------+
+#
+# Checks: `up` returns once ready; ping through the bond; a 50 MB TCP transfer each way with
+# sha256-verified content; `show` lists both links with RTT and bytes on both ends; `down`
+# restores `ip link/addr/rule/route` exactly; a failed `up` (missing WAN) changes nothing.
+# Prints "PASS name: detail" / "FAIL name: detail" lines; exits non-zero on any failure.
+# Needs root, iproute2, python3. WGBOND=path/to/wgbond (default: target/release/wgbond).
+set -u
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+WGBOND=${WGBOND:-$ROOT/target/release/wgbond}
+MODE=${MODE:-auto}
+MB=${MB:-50}
+SITE_NS="wgbsmk$$s"
+HUB_NS="wgbsmk$$h"
+TMP=$(mktemp -d /tmp/wgbond-smoke.XXXXXX)
+export WGBOND_RUN_DIR="$TMP/run"
+FAILED=0
+BG_PIDS=()
+
+pass() { echo "PASS $1: $2"; }
+fail() {
+    echo "FAIL $1: $2"
+    FAILED=1
+}
+in_site() { ip netns exec "$SITE_NS" "$@"; }
+in_hub() { ip netns exec "$HUB_NS" "$@"; }
+
+# Daemon pids as the daemons report them (they detach, so `$!` would not be theirs).
+daemon_pid() {
+    "$WGBOND" show "$1" --json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])' 2>/dev/null
+}
+
+cleanup() {
+    trap - EXIT INT TERM
+    local name pid
+    for name in wgbsite wgbhub; do
+        pid=$(daemon_pid "$name")
+        timeout 15 "$WGBOND" down "$name" >/dev/null 2>&1
+        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null
+            sleep 1
+            kill -9 "$pid" 2>/dev/null
+        fi
+    done
+    for pid in "${BG_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    wait 2>/dev/null
+    ip netns del "$SITE_NS" 2>/dev/null
+    ip netns del "$HUB_NS" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [[ $(id -u) != 0 ]]; then
+    echo "FAIL smoke_tunnel: needs root"
+    exit 1
+fi
+if [[ ! -x $WGBOND ]]; then
+    echo "FAIL smoke_tunnel: no wgbond binary at $WGBOND (cargo build --release)"
+    exit 1
+fi
+
+# --- topology -------------------------------------------------------------------------------
+ip netns add "$SITE_NS"
+ip netns add "$HUB_NS"
+for i in 0 1; do
+    ip link add "wan$i" netns "$SITE_NS" type veth peer name "h$i" netns "$HUB_NS"
+done
+in_site ip link set lo up
+in_site ip addr add 192.0.2.2/24 dev wan0
+in_site ip addr add 198.51.100.2/24 dev wan1
+in_site ip link set wan0 up
+in_site ip link set wan1 up
+in_site ip route add default via 192.0.2.1 dev wan0 metric 100
+in_site ip route add default via 198.51.100.1 dev wan1 metric 200
+in_hub ip link set lo up
+in_hub ip addr add 203.0.113.1/32 dev lo
+in_hub ip addr add 192.0.2.1/24 dev h0
+in_hub ip addr add 198.51.100.1/24 dev h1
+in_hub ip link set h0 up
+in_hub ip link set h1 up
+
+# --- keys and configs -----------------------------------------------------------------------
+umask 077
+SITE_KEY=$("$WGBOND" genkey)
+HUB_KEY=$("$WGBOND" genkey)
+SITE_PUB=$(echo "$SITE_KEY" | "$WGBOND" pubkey)
+HUB_PUB=$(echo "$HUB_KEY" | "$WGBOND" pubkey)
+cat >"$TMP/wgbsite.toml" <<EOF
+[interface]
+private_key = "$SITE_KEY"
+address = ["10.99.0.2/24"]
+
+[bond]
+mode = "$MODE"
+
+[[peer]]
+name = "hub"
+public_key = "$HUB_PUB"
+allowed_ips = ["10.99.0.1/32"]
+endpoint = "203.0.113.1:51820"
+
+[[link]]
+name = "wan0"
+bind_interface = "wan0"
+
+[[link]]
+name = "wan1"
+bind_interface = "wan1"
+EOF
+cat >"$TMP/wgbhub.toml" <<EOF
+[interface]
+private_key = "$HUB_KEY"
+address = ["10.99.0.1/24"]
+listen_port = 51820
+
+[bond]
+mode = "$MODE"
+
+[[peer]]
+name = "site"
+public_key = "$SITE_PUB"
+allowed_ips = ["10.99.0.2/32"]
+EOF
+# Same interface name, but its second WAN does not exist.
+mkdir -p "$TMP/broken"
+sed -e 's/bind_interface = "wan1"/bind_interface = "nosuch9"/' "$TMP/wgbsite.toml" >"$TMP/broken/wgbsite.toml"
+
+snapshot() {
+    ip netns exec "$1" sh -c 'ip -d link show; ip addr; ip rule; ip -6 rule;
+        ip route show table all; ip -6 route show table all' 2>&1 |
+        grep -v -e 'valid_lft' -e '^ *RX:' -e '^ *TX:'
+}
+# Let carrier and IPv6 duplicate address detection settle, so snapshots are stable.
+for ((try = 0; try < 50; try++)); do
+    unsettled=$( (snapshot "$SITE_NS"; snapshot "$HUB_NS") | grep -c -e tentative -e NO-CARRIER)
+    [[ $unsettled == 0 ]] && break
+    sleep 0.1
+done
+SITE_BEFORE=$(snapshot "$SITE_NS")
+HUB_BEFORE=$(snapshot "$HUB_NS")
+
+# --- a failed up changes nothing --------------------------------------------------------------
+if out=$(in_site timeout 40 "$WGBOND" up "$TMP/broken/wgbsite.toml" 2>&1); then
+    fail failed_up "up with a missing WAN succeeded: $out"
+else
+    if [[ $(snapshot "$SITE_NS") == "$SITE_BEFORE" ]]; then
+        pass failed_up "refused ($out); ip state unchanged"
+    else
+        fail failed_up "ip state changed after a failed up: $(diff <(echo "$SITE_BEFORE") <(snapshot "$SITE_NS") | head -20)"
+    fi
+fi
+
+# --- up ----------------------------------------------------------------------------------------
+if out=$(in_hub timeout 40 "$WGBOND" up "$TMP/wgbhub.toml" 2>&1); then
+    pass hub_up "up returned 0"
+else
+    fail hub_up "$out"
+    exit 1
+fi
+if out=$(in_site timeout 40 "$WGBOND" up "$TMP/wgbsite.toml" 2>&1); then
+    pass site_up "up returned 0"
+else
+    fail site_up "$out; log: $(tail -5 "$WGBOND_RUN_DIR/wgbsite.log" 2>/dev/null)"
+    exit 1
+fi
+
+# --- ping --------------------------------------------------------------------------------------
+ok=0
+for ((try = 0; try < 20; try++)); do
+    if in_site ping -n -q -c 1 -W 1 10.99.0.1 >/dev/null 2>&1; then
+        ok=1
+        break
+    fi
+done
+if ((ok)); then
+    out=$(in_site ping -n -q -c 20 -i 0.05 -W 2 10.99.0.1 2>&1)
+    loss=$(sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p' <<<"$out")
+    rtt=$(sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p' <<<"$out")
+    if [[ $loss == 0 ]]; then
+        pass ping "20/20 replies, avg rtt ${rtt} ms"
+    else
+        fail ping "$loss% loss"
+    fi
+else
+    fail ping "no reply within 20 tries"
+fi
+
+# --- 50 MB each way, content verified ---------------------------------------------------------
+head -c "${MB}M" /dev/urandom >"$TMP/payload"
+WANT=$(sha256sum "$TMP/payload" | cut -d' ' -f1)
+SINK='
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(60)
+c, _ = s.accept(); c.settimeout(60)
+h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b); n += len(b)
+print(n, h.hexdigest())
+'
+SOURCE='
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], 5001), timeout=60)
+t = time.time()
+with open(sys.argv[2], "rb") as f:
+    while True:
+        b = f.read(1 << 16)
+        if not b:
+            break
+        c.sendall(b)
+c.shutdown(socket.SHUT_WR)
+c.recv(1)
+print("%.2f" % (time.time() - t))
+'
+transfer() { # transfer NAME SRC_NS DST_NS DST_ADDR
+    local name=$1 src=$2 dst=$3 addr=$4 secs got tries
+    ip netns exec "$dst" timeout 120 python3 -c "$SINK" "$addr" >"$TMP/$name.sink" 2>&1 &
+    BG_PIDS+=($!)
+    for ((tries = 0; tries < 50; tries++)); do
+        ip netns exec "$dst" ss -ltn 2>/dev/null | grep -q "$addr:5001 " && break
+        sleep 0.1
+    done
+    secs=$(ip netns exec "$src" timeout 120 python3 -c "$SOURCE" "$addr" "$TMP/payload" 2>&1)
+    wait "${BG_PIDS[-1]}"
+    got=$(cat "$TMP/$name.sink")
+    if [[ $got == "$((MB * 1024 * 1024)) $WANT" ]]; then
+        pass "$name" "${MB} MB in ${secs} s ($(awk -v m="$MB" -v s="$secs" 'BEGIN { printf "%.0f", m * 8.388608 / s }') Mbit/s), sha256 matches"
+    else
+        fail "$name" "sink got '$got', want '$((MB * 1024 * 1024)) $WANT' (source: $secs)"
+    fi
+}
+transfer upload "$SITE_NS" "$HUB_NS" 10.99.0.1
+transfer download "$HUB_NS" "$SITE_NS" 10.99.0.2
+
+# --- show ----------------------------------------------------------------------------------------
+check_show() { # check_show NAME NS
+    local name=$1 ns=$2 verdict
+    verdict=$(ip netns exec "$ns" "$WGBOND" show "$name" --json 2>&1 | python3 -c '
+import json, sys
+s = json.load(sys.stdin)[0]
+links = [l for p in s["peers"] for l in p["links"]]
+bad = [l["name"] for l in links if l.get("rtt_ms") is None or l["tx_bytes"] == 0 or l["rx_bytes"] == 0]
+names = sorted(l["name"] for l in links)
+detail = ", ".join("%s %s rtt %.2f ms tx %d rx %d" % (l["name"], l["state"], l.get("rtt_ms") or -1, l["tx_bytes"], l["rx_bytes"]) for l in links)
+print(("ok " if names == ["wan0", "wan1"] and not bad else "bad ") + detail)
+' 2>&1)
+    if [[ $verdict == ok* ]]; then
+        pass "show_$name" "${verdict#ok }"
+    else
+        fail "show_$name" "$verdict"
+    fi
+}
+check_show wgbsite "$SITE_NS"
+check_show wgbhub "$HUB_NS"
+in_site "$WGBOND" show wgbsite | sed 's/^/    /'
+
+# --- down restores everything ------------------------------------------------------------------
+if out=$(in_site timeout 40 "$WGBOND" down wgbsite 2>&1); then
+    after=$(snapshot "$SITE_NS")
+    if [[ $after == "$SITE_BEFORE" ]]; then
+        pass site_down "ip state restored exactly"
+    else
+        fail site_down "ip state differs: $(diff <(echo "$SITE_BEFORE") <(echo "$after") | head -20)"
+    fi
+else
+    fail site_down "$out"
+fi
+if out=$(in_hub timeout 40 "$WGBOND" down wgbhub 2>&1); then
+    after=$(snapshot "$HUB_NS")
+    if [[ $after == "$HUB_BEFORE" ]]; then
+        pass hub_down "ip state restored exactly"
+    else
+        fail hub_down "ip state differs: $(diff <(echo "$HUB_BEFORE") <(echo "$after") | head -20)"
+    fi
+else
+    fail hub_down "$out"
+fi
+if [[ -e $WGBOND_RUN_DIR/wgbsite.sock || -e $WGBOND_RUN_DIR/wgbhub.sock ]]; then
+    fail control_socket "a control socket is left after down"
+else
+    pass control_socket "removed by down"
+fi
+
+exit "$FAILED"

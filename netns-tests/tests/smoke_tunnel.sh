@@ -23,6 +23,13 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 WGBOND=${WGBOND:-$ROOT/target/release/wgbond}
 MODE=${MODE:-auto}
 MB=${MB:-50}
+# FULL_TUNNEL=1: the site routes everything (0.0.0.0/0, ::/0) into the tunnel.
+FULL_TUNNEL=${FULL_TUNNEL:-0}
+if ((FULL_TUNNEL)); then
+    SITE_ALLOWED='"0.0.0.0/0", "::/0"'
+else
+    SITE_ALLOWED='"10.99.0.1/32"'
+fi
 SITE_NS="wgbsmk$$s"
 HUB_NS="wgbsmk$$h"
 TMP=$(mktemp -d /tmp/wgbond-smoke.XXXXXX)
@@ -113,7 +120,7 @@ mode = "$MODE"
 [[peer]]
 name = "hub"
 public_key = "$HUB_PUB"
-allowed_ips = ["10.99.0.1/32"]
+allowed_ips = [$SITE_ALLOWED]
 endpoint = "203.0.113.1:51820"
 
 [[link]]
@@ -201,6 +208,21 @@ if ((ok)); then
 else
     fail ping "no reply within 20 tries"
 fi
+if ((FULL_TUNNEL)); then
+    # The hub's public address itself is now reached through the tunnel, while the links'
+    # own datagrams to it still leave through the WANs.
+    before=$(in_hub cat /sys/class/net/wgbhub/statistics/rx_packets)
+    if in_site ping -n -q -c 5 -i 0.1 -W 2 203.0.113.1 >/dev/null 2>&1; then
+        after=$(in_hub cat /sys/class/net/wgbhub/statistics/rx_packets)
+        if ((after - before >= 5)); then
+            pass full_tunnel "ping 203.0.113.1 went through the tunnel ($((after - before)) packets on the hub's TUN)"
+        else
+            fail full_tunnel "ping 203.0.113.1 answered, but only $((after - before)) packets crossed the hub's TUN"
+        fi
+    else
+        fail full_tunnel "no reply from 203.0.113.1 through the tunnel"
+    fi
+fi
 
 # --- 50 MB each way, content verified ---------------------------------------------------------
 head -c "${MB}M" /dev/urandom >"$TMP/payload"
@@ -233,16 +255,24 @@ c.shutdown(socket.SHUT_WR)
 c.recv(1)
 print("%.2f" % (time.time() - t))
 '
-transfer() { # transfer NAME SRC_NS DST_NS DST_ADDR
-    local name=$1 src=$2 dst=$3 addr=$4 secs got tries
+transfer() { # transfer NAME SRC_NS DST_NS DST_ADDR [FUNCTION run meanwhile]
+    local name=$1 src=$2 dst=$3 addr=$4 during=${5:-} secs got tries during_pid=
     ip netns exec "$dst" timeout 120 python3 -c "$SINK" "$addr" >"$TMP/$name.sink" 2>&1 &
-    BG_PIDS+=($!)
+    local sink_pid=$!
+    BG_PIDS+=("$sink_pid")
     for ((tries = 0; tries < 50; tries++)); do
         ip netns exec "$dst" ss -ltn 2>/dev/null | grep -q "$addr:5001 " && break
         sleep 0.1
     done
+    if [[ -n $during ]]; then
+        "$during" >"$TMP/$name.during" 2>&1 &
+        during_pid=$!
+        BG_PIDS+=("$during_pid")
+    fi
     secs=$(ip netns exec "$src" timeout 120 python3 -c "$SOURCE" "$addr" "$TMP/payload" 2>&1)
-    wait "${BG_PIDS[-1]}"
+    wait "$sink_pid" 2>/dev/null
+    [[ -n $during_pid ]] && wait "$during_pid"
+    [[ -n $during_pid ]] && sed 's/^/    during: /' "$TMP/$name.during"
     got=$(cat "$TMP/$name.sink")
     if [[ $got == "$((MB * 1024 * 1024)) $WANT" ]]; then
         pass "$name" "${MB} MB in ${secs} s ($(awk -v m="$MB" -v s="$secs" 'BEGIN { printf "%.0f", m * 8.388608 / s }') Mbit/s), sha256 matches"
@@ -250,8 +280,96 @@ transfer() { # transfer NAME SRC_NS DST_NS DST_ADDR
         fail "$name" "sink got '$got', want '$((MB * 1024 * 1024)) $WANT' (source: $secs)"
     fi
 }
-transfer upload "$SITE_NS" "$HUB_NS" 10.99.0.1
-transfer download "$HUB_NS" "$SITE_NS" 10.99.0.2
+# While the upload runs, wan1's address changes (a DHCP renew): the hub must follow it.
+roam_wan1() {
+    sleep 1
+    in_site ip addr del 198.51.100.2/24 dev wan1
+    in_site ip addr add 198.51.100.3/24 dev wan1
+    in_site ip route replace default via 198.51.100.1 dev wan1 metric 200
+    echo "wan1 is now 198.51.100.3"
+}
+# While the download runs, an attacker on the site's WAN replays captured datagrams and sends
+# 10,000 random or truncated ones to the hub port.
+ATTACK='
+import random, socket, struct, sys, time
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))  # ETH_P_ALL: outgoing too
+sniff.bind(("wan0", 0))
+sniff.settimeout(5)
+captured = []
+deadline = time.time() + 5
+while len(captured) < 300 and time.time() < deadline:
+    try:
+        frame = sniff.recv(65535)
+    except socket.timeout:
+        break
+    ip = frame[14:]
+    if frame[12:14] != b"\x08\x00" or len(ip) < 28 or ip[9] != 17:
+        continue
+    ihl = (ip[0] & 15) * 4
+    dport = struct.unpack("!H", ip[ihl + 2:ihl + 4])[0]
+    if dport == 51820:
+        captured.append(ip[ihl + 8:])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 25, b"wan0")  # SO_BINDTODEVICE
+hub = ("203.0.113.1", 51820)
+for d in captured:
+    s.sendto(d, hub)
+rng = random.Random(7)
+for i in range(10000):
+    kind = i % 5
+    if kind == 0:
+        d = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200)))
+    elif kind == 1 and captured:
+        c = rng.choice(captured)
+        d = c[:rng.randrange(0, len(c))]
+    else:
+        t = rng.choice([1, 2, 3, 4])
+        size = {1: 148, 2: 92, 3: 64, 4: rng.randrange(32, 300)}[t]
+        d = bytes([t, 0, 0, 0]) + bytes(rng.getrandbits(8) for _ in range(size - 4))
+    s.sendto(d, hub)
+    if i % 500 == 0:
+        time.sleep(0.01)
+print("replayed %d captured datagrams, sent 10000 random ones" % len(captured))
+'
+attack_hub() {
+    sleep 0.5
+    in_site timeout 60 python3 -c "$ATTACK"
+}
+hub_json() { in_hub "$WGBOND" show wgbhub --json; }
+ENDPOINT_OF='
+import json, sys
+s = json.load(sys.stdin)[0]
+print(" ".join("%s=%s" % (l["name"], l.get("endpoint")) for p in s["peers"] for l in p["links"]))
+'
+
+transfer upload "$SITE_NS" "$HUB_NS" 10.99.0.1 roam_wan1
+endpoints=$(hub_json | python3 -c "$ENDPOINT_OF")
+if [[ $endpoints == *"wan1=198.51.100.3:"* ]]; then
+    pass roaming "hub re-learned wan1 without restart: $endpoints"
+else
+    fail roaming "hub endpoints after wan1's address change: $endpoints"
+fi
+# Put wan1 back as it was, for the exact comparison after down.
+in_site ip addr del 198.51.100.3/24 dev wan1
+in_site ip addr add 198.51.100.2/24 dev wan1
+in_site ip route replace default via 198.51.100.1 dev wan1 metric 200
+
+drops_before=$(hub_json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["drops"])')
+transfer download "$HUB_NS" "$SITE_NS" 10.99.0.2 attack_hub
+verdict=$(hub_json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)[0]
+d = s["drops"]
+rejected = d["malformed"] + d["unauthenticated"] + d["replayed"] + d["no_session"] + d["unknown_peer"]
+eps = " ".join("%s=%s" % (l["name"], l.get("endpoint")) for p in s["peers"] for l in p["links"])
+ok = rejected >= 10000 and d["replayed"] > 0 and "wan0=192.0.2.2:" in eps
+print(("ok " if ok else "bad ") + "%d rejected (%s); endpoints %s" % (rejected, d, eps))
+')
+if [[ $verdict == ok* ]]; then
+    pass hub_attack "${verdict#ok }"
+else
+    fail hub_attack "${verdict#bad }; before: $drops_before"
+fi
 
 # --- show ----------------------------------------------------------------------------------------
 check_show() { # check_show NAME NS

@@ -64,7 +64,7 @@ fn send_side(c: &mut Criterion) {
                 now += gap;
                 sim.site.handle_outbound(black_box(&pkt), now);
                 while let Some(t) = sim.site.poll_transmit(now, &mut buf) {
-                    black_box((t, buf.len()));
+                    black_box((t.link, buf.len()));
                 }
             })
         });

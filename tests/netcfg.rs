@@ -572,6 +572,20 @@ fn refresh_follows_gateway_changes_and_late_wans() {
             "after the gateway changed",
         );
 
+        // The gateway disappears for a moment (DHCP in progress): the last one is kept.
+        ip("route del default via 192.0.2.254 dev wan0");
+        let routing = rt
+            .block_on(applied.refresh_link(0))
+            .unwrap_or_else(|e| panic!("refresh: {e}"));
+        assert_eq!(routing.v4, Some(Nexthop::Via(addr("192.0.2.254"))));
+        let get = ip(&format!("-4 route get 1.1.1.1 mark {mark0}"));
+        assert_contains(
+            &get,
+            "via 192.0.2.254 dev wan0",
+            "after the gateway vanished",
+        );
+        ip("route add default via 192.0.2.254 dev wan0 metric 100");
+
         rt.block_on(applied.teardown())
             .unwrap_or_else(|e| panic!("teardown: {e}"));
         // Undo the test's own change to wan0's default route; then everything must match.

@@ -1575,3 +1575,408 @@ async fn undo_step(handle: &Handle, action: &Action) -> Result<(), NlError> {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, up: bool) -> LinkInfo {
+        LinkInfo {
+            index,
+            name: name.to_owned(),
+            mtu: 1500,
+            up,
+        }
+    }
+
+    fn default_route(
+        family: Family,
+        table: u32,
+        oif: u32,
+        gw: Option<&str>,
+        metric: u32,
+    ) -> RouteInfo {
+        RouteInfo {
+            family,
+            table,
+            dst: None,
+            dst_len: 0,
+            oif: Some(oif),
+            gateway: gw.map(|g| g.parse().unwrap_or_else(|e| panic!("{g}: {e}"))),
+            metric,
+            kind: RouteType::Unicast,
+            protocol: RouteProtocol::Static,
+            multipath: Vec::new(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    /// tun = 1, wan0 = 2 (default via 192.0.2.1 metric 100), wan1 = 3 (no routes, up).
+    fn state() -> SystemState {
+        SystemState {
+            links: vec![
+                link(1, "wgb0", false),
+                link(2, "wan0", true),
+                link(3, "wan1", true),
+            ],
+            addrs: vec![AddrInfo {
+                index: 3,
+                addr: ip("198.51.100.2"),
+                prefix: 24,
+            }],
+            routes: vec![default_route(
+                Family::V4,
+                TABLE_MAIN,
+                2,
+                Some("192.0.2.1"),
+                100,
+            )],
+            rules: Vec::new(),
+        }
+    }
+
+    fn plan(allowed: &[&str], table: RouteTableSetting) -> NetPlan {
+        NetPlan {
+            tun_name: "wgb0".to_owned(),
+            addresses: vec![net("10.99.0.2/24")],
+            mtu: 1400,
+            allowed_ips: allowed.iter().map(|s| net(s)).collect(),
+            table,
+            fwmark: None,
+            links: vec![
+                WanLinkPlan {
+                    name: "cable".to_owned(),
+                    bind: WanBind::Interface("wan0".to_owned()),
+                    gateway: None,
+                },
+                WanLinkPlan {
+                    name: "lte".to_owned(),
+                    bind: WanBind::Address(ip("198.51.100.2")),
+                    gateway: None,
+                },
+            ],
+        }
+    }
+
+    fn descs(layout: &Layout) -> Vec<&str> {
+        layout.steps.iter().map(|s| s.desc.as_str()).collect()
+    }
+
+    #[test]
+    fn zero_nets_are_default_routes() {
+        assert_eq!(Family::V4.zero_net(), net("0.0.0.0/0"));
+        assert_eq!(Family::V6.zero_net(), net("::/0"));
+    }
+
+    #[test]
+    fn gateway_prefers_main_then_lowest_metric_and_reads_multipath() {
+        let mut s = state();
+        s.routes.push(default_route(
+            Family::V4,
+            TABLE_MAIN,
+            2,
+            Some("192.0.2.9"),
+            50,
+        ));
+        s.routes
+            .push(default_route(Family::V4, 100, 2, Some("192.0.2.7"), 0));
+        assert_eq!(
+            find_default_gateway(&s, 2, Family::V4),
+            Some(Some(ip("192.0.2.9")))
+        );
+        // Only in another table (a multi-WAN box with its own policy routing).
+        s.routes
+            .push(default_route(Family::V4, 101, 3, Some("198.51.100.1"), 0));
+        assert_eq!(
+            find_default_gateway(&s, 3, Family::V4),
+            Some(Some(ip("198.51.100.1")))
+        );
+        // A multipath default route through several WANs.
+        let mut multi = default_route(Family::V6, TABLE_MAIN, 0, None, 1024);
+        multi.oif = None;
+        multi.multipath = vec![(2, Some(ip("fe80::1"))), (3, Some(ip("fe80::2")))];
+        s.routes.push(multi);
+        assert_eq!(
+            find_default_gateway(&s, 3, Family::V6),
+            Some(Some(ip("fe80::2")))
+        );
+        // Point-to-point WAN: default route without gateway.
+        s.routes
+            .push(default_route(Family::V4, TABLE_MAIN, 4, None, 0));
+        assert_eq!(find_default_gateway(&s, 4, Family::V4), Some(None));
+        assert_eq!(find_default_gateway(&s, 5, Family::V4), None);
+        // wgbond's own routes never count.
+        let mut ours = default_route(Family::V4, TABLE_MAIN, 5, Some("203.0.113.1"), 0);
+        ours.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        s.routes.push(ours);
+        assert_eq!(find_default_gateway(&s, 5, Family::V4), None);
+    }
+
+    #[test]
+    fn links_resolve_gateways_and_fall_back_to_on_link() {
+        let p = plan(&[], RouteTableSetting::Auto);
+        let s = state();
+        let cable = resolve_link(&p.links[0], &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cable.v4, Some(Nexthop::Via(ip("192.0.2.1"))));
+        assert_eq!(cable.v6, None);
+        let lte = resolve_link(&p.links[1], &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (lte.ifname.as_str(), lte.v4),
+            ("wan1", Some(Nexthop::OnLink))
+        );
+        let mut configured = p.links[1].clone();
+        configured.gateway = Some(ip("198.51.100.254"));
+        let lte = resolve_link(&configured, &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(lte.v4, Some(Nexthop::Via(ip("198.51.100.254"))));
+        let mut missing = p.links[1].clone();
+        missing.bind = WanBind::Address(ip("203.0.113.5"));
+        assert_eq!(
+            resolve_link(&missing, &s).err().as_deref(),
+            Some("link `lte`: no interface has the address 203.0.113.5 (bind_address)")
+        );
+    }
+
+    #[test]
+    fn full_tunnel_plan_orders_link_routing_before_tunnel_rules() {
+        let layout = plan_layout(
+            &plan(&["0.0.0.0/0", "10.1.0.0/16"], RouteTableSetting::Auto),
+            &state(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        let first_tunnel_rule = d
+            .iter()
+            .position(|s| s.contains("31200"))
+            .unwrap_or(usize::MAX);
+        let last_link_rule = d
+            .iter()
+            .rposition(|s| s.contains("priority 31100"))
+            .unwrap_or(0);
+        assert!(last_link_rule < first_tunnel_rule, "{d:#?}");
+        assert!(
+            d.contains(&"add route 0.0.0.0/0 dev wgb0 table 51820"),
+            "{d:#?}"
+        );
+        // Not a /0: into the main table, as wg-quick does.
+        assert!(d.contains(&"add route 10.1.0.0/16 dev wgb0"), "{d:#?}");
+        assert!(
+            d.contains(
+                &"link `lte`: add IPv4 rule `priority 31100 from 198.51.100.2/32 lookup 51822`"
+            ),
+            "{d:#?}"
+        );
+        assert!(
+            d.contains(&"add IPv4 rule `priority 31201 not from all fwmark 0xca6c lookup 51820`"),
+            "{d:#?}"
+        );
+        // No IPv6 /0, so no IPv6 tunnel rules.
+        assert!(
+            !d.iter().any(|s| s.contains("IPv6 rule `priority 312")),
+            "{d:#?}"
+        );
+        assert_eq!(layout.fwmark, Some(FIRST_TABLE));
+        assert_eq!(layout.links[1].mark, FIRST_TABLE + 2);
+    }
+
+    #[test]
+    fn table_id_and_off_add_no_tunnel_rules() {
+        let layout = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Id(200)), &state())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        assert!(
+            d.contains(&"add route 0.0.0.0/0 dev wgb0 table 200"),
+            "{d:#?}"
+        );
+        assert!(!d.iter().any(|s| s.contains("3120")), "{d:#?}");
+        assert_eq!((layout.fwmark, layout.tunnel_table), (None, Some(200)));
+
+        let layout = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Off), &state())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        assert!(!d.iter().any(|s| s.contains("dev wgb0")), "{d:#?}");
+        // The links still get their tables.
+        assert!(
+            d.iter()
+                .any(|s| s.contains("via 192.0.2.1 dev wan0 table 51821")),
+            "{d:#?}"
+        );
+    }
+
+    #[test]
+    fn used_tables_and_marks_are_skipped() {
+        let mut s = state();
+        s.routes
+            .push(default_route(Family::V6, FIRST_TABLE, 2, None, 0));
+        s.rules.push(RuleInfo {
+            family: Family::V4,
+            priority: 100,
+            table: 300,
+            action: RuleAction::ToTable,
+            fwmark: Some((FIRST_TABLE + 3, u32::MAX)),
+            invert: false,
+            src: None,
+            suppress_prefixlen: None,
+            protocol: None,
+            other: false,
+        });
+        let layout = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Auto), &s)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // 51820 has a route, 51823 is a foreign mark: the first free triple is 51824..=51826.
+        assert_eq!(layout.tunnel_table, Some(FIRST_TABLE + 4));
+        assert_eq!(layout.links[0].table, FIRST_TABLE + 5);
+    }
+
+    #[test]
+    fn clashing_main_route_and_duplicate_rule_are_refused() {
+        let mut s = state();
+        let mut clash = default_route(Family::V4, TABLE_MAIN, 2, Some("192.0.2.1"), 0);
+        clash.dst = Some(ip("10.1.0.0"));
+        clash.dst_len = 16;
+        s.routes.push(clash);
+        assert_eq!(
+            plan_layout(&plan(&["10.1.0.0/16"], RouteTableSetting::Auto), &s)
+                .err()
+                .as_deref(),
+            Some("allowed_ips 10.1.0.0/16: table main already has a route to 10.1.0.0/16 dev wan0")
+        );
+
+        let mut s = state();
+        s.rules.push(RuleInfo {
+            family: Family::V4,
+            priority: RULE_PRIORITY_SUPPRESS,
+            table: TABLE_MAIN,
+            action: RuleAction::ToTable,
+            fwmark: None,
+            invert: false,
+            src: None,
+            suppress_prefixlen: Some(0),
+            protocol: Some(ROUTE_PROTOCOL),
+            other: false,
+        });
+        let err = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Auto), &s)
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("already exists (left over by a wgbond"),
+            "{err}"
+        );
+        assert!(
+            err.contains("ip rule del priority 31200 from all lookup main suppress_prefixlength 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn own_prefix_is_not_routed_twice_and_address_conflicts_are_refused() {
+        let layout = plan_layout(
+            &plan(&["10.99.0.0/24", "10.99.0.7/32"], RouteTableSetting::Auto),
+            &state(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !descs(&layout).iter().any(|s| s.contains("route 10.99")),
+            "{:#?}",
+            descs(&layout)
+        );
+
+        let mut s = state();
+        s.addrs.push(AddrInfo {
+            index: 2,
+            addr: ip("10.99.0.2"),
+            prefix: 24,
+        });
+        assert_eq!(
+            plan_layout(&plan(&[], RouteTableSetting::Auto), &s)
+                .err()
+                .as_deref(),
+            Some("address 10.99.0.2 is already assigned to wan0")
+        );
+    }
+
+    #[test]
+    fn down_wan_gets_only_its_fallback_and_a_warning() {
+        let mut s = state();
+        s.links[1].up = false;
+        let layout =
+            plan_layout(&plan(&[], RouteTableSetting::Auto), &s).unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        assert!(
+            d.contains(
+                &"link `cable`: add route unreachable 0.0.0.0/0 metric 4294967295 table 51821"
+            ),
+            "{d:#?}"
+        );
+        assert!(!d.iter().any(|s| s.contains("dev wan0 table")), "{d:#?}");
+        assert!(
+            layout.warnings.iter().any(|w| w.contains("wan0 is down")),
+            "{:?}",
+            layout.warnings
+        );
+        assert_eq!(layout.links[0].v4, None);
+    }
+
+    #[test]
+    fn kernel_rule_dump_is_normalised() {
+        let mut msg = RuleMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.table = TABLE_MAIN as u8;
+        msg.header.action = RuleAction::ToTable;
+        msg.attributes = vec![
+            RuleAttribute::Priority(RULE_PRIORITY_SUPPRESS),
+            RuleAttribute::SuppressPrefixLen(0),
+            RuleAttribute::SuppressIfGroup(u32::MAX),
+            RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
+        ];
+        let rule = parse_rule(&msg).unwrap_or_else(|| panic!("unparsed"));
+        let spec = RuleSpec {
+            family: Family::V4,
+            priority: RULE_PRIORITY_SUPPRESS,
+            table: TABLE_MAIN,
+            fwmark: None,
+            invert: false,
+            src: None,
+            suppress_prefixlen: Some(0),
+        };
+        assert!(rule.same_as(&spec));
+        msg.attributes
+            .push(RuleAttribute::Iifname("eth0".to_owned()));
+        let rule = parse_rule(&msg).unwrap_or_else(|| panic!("unparsed"));
+        assert!(
+            !rule.same_as(&spec),
+            "a rule with an iif selector is a different rule"
+        );
+        msg.attributes[1] = RuleAttribute::SuppressPrefixLen(u32::MAX);
+        assert_eq!(parse_rule(&msg).and_then(|r| r.suppress_prefixlen), None);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_before_touching_the_system() {
+        let mut p = plan(&[], RouteTableSetting::Auto);
+        p.mtu = 1200;
+        p.addresses.push(net("fd99::2/64"));
+        assert_eq!(
+            check_plan(&p).err().as_deref(),
+            Some("MTU 1200 is out of range (1280..=65535)")
+        );
+        let mut p = plan(&[], RouteTableSetting::Id(255));
+        assert!(check_plan(&p).is_err());
+        p.table = RouteTableSetting::Auto;
+        p.links[1].gateway = Some(ip("fe80::1"));
+        assert!(check_plan(&p)
+            .err()
+            .unwrap_or_default()
+            .contains("different address families"));
+        p.links[1] = p.links[0].clone();
+        assert_eq!(
+            check_plan(&p).err().as_deref(),
+            Some("link `cable` is listed twice")
+        );
+    }
+}

@@ -600,3 +600,72 @@ fn refresh_follows_gateway_changes_and_late_wans() {
         );
     });
 }
+
+/// Sends one UDP datagram to `dst` from a socket bound to `dev`, optionally marked.
+fn send_bound_udp(dev: &str, mark: Option<u32>, dst: &str) {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let fd = socket.as_raw_fd();
+    // SAFETY: fd is a live socket; the option values point to buffers of the given length.
+    unsafe {
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            dev.as_ptr().cast(),
+            dev.len() as libc::socklen_t,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "SO_BINDTODEVICE: {}",
+            std::io::Error::last_os_error()
+        );
+        if let Some(mark) = mark {
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "SO_MARK: {}", std::io::Error::last_os_error());
+        }
+    }
+    // The neighbour lookup (ARP) starts even though nobody answers inside this namespace.
+    socket
+        .send_to(b"probe", (dst, 9))
+        .unwrap_or_else(|e| panic!("send_to {dst}: {e}"));
+}
+
+#[test]
+fn bound_link_socket_uses_its_wan_gateway_not_on_link() {
+    in_netns("bound_link_socket_uses_its_wan_gateway", || {
+        build_wans();
+        // A typical multi-WAN box: only the primary WAN has a default route in main.
+        ip("route del default via 198.51.100.1 dev wan1");
+        add_tun();
+        // TEST-NET-3: never leaves this private namespace anyway.
+        let far = "203.0.113.9";
+
+        // Without wgbond's link table, a socket bound to wan1 sends on-link: it ARPs for the
+        // far address itself (the problem the per-link tables solve).
+        send_bound_udp("wan1", None, far);
+        let neigh = ip("neigh show dev wan1");
+        assert_contains(&neigh, far, "on-link ARP without a link table");
+        ip("neigh flush dev wan1");
+
+        let rt = runtime();
+        let mut plan = site_plan();
+        plan.links[1].gateway = Some(addr("198.51.100.1"));
+        let applied = rt
+            .block_on(apply(&plan))
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        send_bound_udp("wan1", Some(applied.links()[1].mark), far);
+        let neigh = ip("neigh show dev wan1");
+        assert_contains(&neigh, "198.51.100.1", "ARP for wan1's gateway");
+        assert!(!neigh.contains(far), "still on-link:\n{neigh}");
+        rt.block_on(applied.teardown())
+            .unwrap_or_else(|e| panic!("teardown: {e}"));
+    });
+}

@@ -25,4 +25,5 @@
 pub mod bond;
 pub mod cli;
 pub mod config;
+pub mod io;
 pub mod keys;

@@ -669,7 +669,7 @@ fn find_default_gateway(
         }
         let rank = (route.table != TABLE_MAIN, route.metric);
         let mut consider = |gw: Option<IpAddr>| {
-            if best.as_ref().map_or(true, |(r, _)| rank < *r) {
+            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
                 best = Some((rank, gw));
             }
         };

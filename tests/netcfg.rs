@@ -13,11 +13,12 @@
 
 use std::net::IpAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use wgbond::io::netcfg::{
     apply, apply_with_injected_failure, NetPlan, NetcfgError, Nexthop, RouteTableSetting, WanBind,
-    WanLinkPlan, FIRST_TABLE,
+    WanLinkPlan, WanWatcher, FIRST_TABLE,
 };
 
 const TUN: &str = "wgb0";
@@ -667,5 +668,43 @@ fn bound_link_socket_uses_its_wan_gateway_not_on_link() {
         assert!(!neigh.contains(far), "still on-link:\n{neigh}");
         rt.block_on(applied.teardown())
             .unwrap_or_else(|e| panic!("teardown: {e}"));
+    });
+}
+
+#[test]
+fn watcher_reports_wan_changes_but_not_wgbonds_own() {
+    in_netns("watcher_reports_wan_changes", || {
+        build_wans();
+        add_tun();
+        let before = snapshot_masking_qdisc();
+        let rt = runtime();
+        let settle = std::time::Duration::from_millis(50);
+        let mut applied = rt
+            .block_on(apply(&site_plan()))
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        rt.block_on(async {
+            let mut watcher = WanWatcher::new().unwrap_or_else(|e| panic!("watcher: {e}"));
+            // Refreshing unchanged links changes nothing and must not wake the watcher.
+            for result in applied.refresh_links().await {
+                result.unwrap_or_else(|e| panic!("refresh: {e}"));
+            }
+            let quiet =
+                tokio::time::timeout(Duration::from_millis(500), watcher.changed(settle)).await;
+            assert!(quiet.is_err(), "watcher woke up without a WAN change");
+
+            // A DHCP renew on wan0 with a new gateway.
+            ip("route replace default via 192.0.2.254 dev wan0 metric 100");
+            let woke = tokio::time::timeout(Duration::from_secs(2), watcher.changed(settle)).await;
+            assert_eq!(woke, Ok(true), "watcher missed a gateway change");
+            let results = applied.refresh_links().await;
+            let routing = results[0]
+                .clone()
+                .unwrap_or_else(|e| panic!("refresh: {e}"));
+            assert_eq!(routing.v4, Some(Nexthop::Via(addr("192.0.2.254"))));
+        });
+        rt.block_on(applied.teardown())
+            .unwrap_or_else(|e| panic!("teardown: {e}"));
+        ip("route replace default via 192.0.2.1 dev wan0 metric 100");
+        assert_same(&before, &snapshot_masking_qdisc(), "after teardown");
     });
 }

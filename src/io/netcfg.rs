@@ -352,7 +352,10 @@ impl AppliedNet {
                         action: Action::AddRoute(spec.message()),
                         tag,
                     };
-                    if let Action::AddRoute(msg) = &step.action {
+                    // Unchanged routes are left alone: no churn, no notifications.
+                    let present =
+                        existing.is_some() && state.routes.iter().any(|r| spec.matches(r));
+                    if let (false, Action::AddRoute(msg)) = (present, &step.action) {
                         ack_request(
                             &self.handle,
                             RouteNetlinkMessage::NewRoute(msg.clone()),
@@ -390,6 +393,15 @@ impl AppliedNet {
         }
         self.links[index] = updated.clone();
         Ok(updated)
+    }
+
+    /// [`refresh_link`](Self::refresh_link) for every link; one result per link, in order.
+    pub async fn refresh_links(&mut self) -> Vec<Result<LinkRouting, NetcfgError>> {
+        let mut results = Vec::with_capacity(self.links.len());
+        for index in 0..self.links.len() {
+            results.push(self.refresh_link(index).await);
+        }
+        results
     }
 
     /// Removes everything [`apply`] (and [`refresh_link`](Self::refresh_link)) added, newest
@@ -433,6 +445,95 @@ impl Drop for AppliedNet {
             }
             self.connection.abort();
         }
+    }
+}
+
+/// Notices kernel changes that can move a WAN's gateway (interfaces going up or down,
+/// addresses, routes), so the daemon knows when to call [`AppliedNet::refresh_links`].
+/// wgbond's own routes (protocol [`ROUTE_PROTOCOL`]) are ignored, so a refresh does not
+/// trigger another one.
+#[derive(Debug)]
+pub struct WanWatcher {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        netlink_sys::SocketAddr,
+    )>,
+    connection: JoinHandle<()>,
+}
+
+impl WanWatcher {
+    /// Subscribes to link, address and route notifications. Call inside a tokio runtime.
+    pub fn new() -> Result<Self, NetcfgError> {
+        use netlink_sys::AsyncSocket;
+        use rtnetlink::constants::{
+            RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
+            RTMGRP_LINK,
+        };
+        let err =
+            |e: std::io::Error| NetcfgError::Invalid(format!("cannot watch network changes: {e}"));
+        let (mut connection, _handle, messages) = rtnetlink::new_connection().map_err(err)?;
+        let groups = RTMGRP_LINK
+            | RTMGRP_IPV4_IFADDR
+            | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&netlink_sys::SocketAddr::new(0, groups))
+            .map_err(err)?;
+        Ok(Self {
+            messages,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// Waits for a relevant change, then until `settle` passes without another (a DHCP renew
+    /// or a modem reconnect is a burst of changes), at most 10 x `settle` in all. Returns
+    /// `false` if the notification socket closed.
+    pub async fn changed(&mut self, settle: std::time::Duration) -> bool {
+        loop {
+            match self.messages.next().await {
+                None => return false,
+                Some((msg, _)) if is_wan_relevant(&msg.payload) => break,
+                Some(_) => {}
+            }
+        }
+        let deadline = tokio::time::Instant::now() + settle * 10;
+        loop {
+            let wait = settle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if wait.is_zero() {
+                return true;
+            }
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Err(_) => return true,
+                Ok(None) => return false,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+}
+
+impl Drop for WanWatcher {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn is_wan_relevant(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+    match payload {
+        NetlinkPayload::InnerMessage(msg) => match msg {
+            RouteNetlinkMessage::NewLink(_)
+            | RouteNetlinkMessage::DelLink(_)
+            | RouteNetlinkMessage::NewAddress(_)
+            | RouteNetlinkMessage::DelAddress(_) => true,
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && parse_route(r).is_some_and(|r| r.table != TABLE_LOCAL)
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -1041,6 +1142,25 @@ struct RouteSpec {
 impl RouteSpec {
     fn family(&self) -> Family {
         Family::of(self.dst.addr())
+    }
+
+    /// Whether `route` (from a dump) is this route.
+    fn matches(&self, route: &RouteInfo) -> bool {
+        let family = self.family();
+        route.family == family
+            && route.table == self.table
+            && route.dst_len == self.dst.prefix_len()
+            && route.dst.unwrap_or(family.zero_net().addr()) == self.dst.addr()
+            && route.kind
+                == if self.unreachable {
+                    RouteType::Unreachable
+                } else {
+                    RouteType::Unicast
+                }
+            && route.oif == self.dev.as_ref().map(|(i, _)| *i)
+            && route.gateway == self.gateway
+            && route.metric == self.metric.unwrap_or(family.default_metric())
+            && route.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
     }
 
     fn describe(&self, prefix: &str) -> String {

@@ -189,6 +189,9 @@ impl fmt::Display for NetcfgError {
 impl std::error::Error for NetcfgError {}
 
 /// Configures the kernel for `plan`. On error nothing is left changed.
+///
+/// Runs inside a tokio runtime (it spawns its netlink connection task). Let it finish: a
+/// future dropped halfway leaves what it had done so far in place.
 pub async fn apply(plan: &NetPlan) -> Result<AppliedNet, NetcfgError> {
     apply_inner(plan, None).await
 }
@@ -1067,12 +1070,12 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
     for rule in &planned_rules {
         if let Some(existing) = state.rules.iter().find(|r| r.same_as(rule)) {
             let leftover = if existing.protocol == Some(ROUTE_PROTOCOL) {
-                " (left over by a wgbond that did not shut down cleanly?)"
+                " (another wgbond full tunnel is up, or one did not shut down cleanly)"
             } else {
                 ""
             };
             return Err(format!(
-                "{} rule `{}` already exists{leftover}; remove it with `ip{} rule del {}`",
+                "{} rule `{}` already exists{leftover}; if it is a leftover, remove it with `ip{} rule del {}`",
                 rule.family.label(),
                 rule.text(),
                 if rule.family == Family::V6 { " -6" } else { "" },
@@ -1983,10 +1986,7 @@ mod tests {
         let err = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Auto), &s)
             .err()
             .unwrap_or_default();
-        assert!(
-            err.contains("already exists (left over by a wgbond"),
-            "{err}"
-        );
+        assert!(err.contains("did not shut down cleanly"), "{err}");
         assert!(
             err.contains("ip rule del priority 31200 from all lookup main suppress_prefixlength 0"),
             "{err}"

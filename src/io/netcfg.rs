@@ -220,6 +220,7 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
         fwmark: None,
         tunnel_table: None,
         warnings: Vec::new(),
+        tun_index: 0,
         torn_down: false,
     };
     let state = match read_state(&applied.handle).await {
@@ -242,6 +243,7 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
     applied.fwmark = layout.fwmark;
     applied.tunnel_table = layout.tunnel_table;
     applied.warnings = layout.warnings;
+    applied.tun_index = layout.tun_index;
     for (index, step) in layout.steps.into_iter().enumerate() {
         tracing::debug!(step = %step.desc, "netcfg");
         let result = if fail_at == Some(index) {
@@ -281,10 +283,18 @@ pub struct AppliedNet {
     fwmark: Option<u32>,
     tunnel_table: Option<u32>,
     warnings: Vec<String>,
+    tun_index: u32,
     torn_down: bool,
 }
 
 impl AppliedNet {
+    /// A [`WanWatcher`] that ignores the TUN device's own changes. Call inside a tokio runtime.
+    pub fn wan_watcher(&self) -> Result<WanWatcher, NetcfgError> {
+        let mut watcher = WanWatcher::new()?;
+        watcher.ignore_index = Some(self.tun_index);
+        Ok(watcher)
+    }
+
     /// Per link (same order as [`NetPlan::links`]): its mark, table and route.
     pub fn links(&self) -> &[LinkRouting] {
         &self.links
@@ -462,6 +472,8 @@ pub struct WanWatcher {
         netlink_sys::SocketAddr,
     )>,
     connection: JoinHandle<()>,
+    /// Interface whose changes do not matter (the TUN device).
+    ignore_index: Option<u32>,
 }
 
 impl WanWatcher {
@@ -488,6 +500,7 @@ impl WanWatcher {
         Ok(Self {
             messages,
             connection: tokio::spawn(connection),
+            ignore_index: None,
         })
     }
 
@@ -498,7 +511,7 @@ impl WanWatcher {
         loop {
             match self.messages.next().await {
                 None => return false,
-                Some((msg, _)) if is_wan_relevant(&msg.payload) => break,
+                Some((msg, _)) if is_wan_relevant(&msg.payload, self.ignore_index) => break,
                 Some(_) => {}
             }
         }
@@ -523,16 +536,20 @@ impl Drop for WanWatcher {
     }
 }
 
-fn is_wan_relevant(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+fn is_wan_relevant(payload: &NetlinkPayload<RouteNetlinkMessage>, ignore: Option<u32>) -> bool {
     match payload {
         NetlinkPayload::InnerMessage(msg) => match msg {
-            RouteNetlinkMessage::NewLink(_)
-            | RouteNetlinkMessage::DelLink(_)
-            | RouteNetlinkMessage::NewAddress(_)
-            | RouteNetlinkMessage::DelAddress(_) => true,
+            RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+                Some(l.header.index) != ignore
+            }
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                Some(a.header.index) != ignore
+            }
             RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
                 r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
-                    && parse_route(r).is_some_and(|r| r.table != TABLE_LOCAL)
+                    && parse_route(r).is_some_and(|r| {
+                        r.table != TABLE_LOCAL && (r.oif.is_none() || r.oif != ignore)
+                    })
             }
             _ => false,
         },
@@ -614,6 +631,7 @@ enum Action {
 
 #[derive(Debug)]
 struct Layout {
+    tun_index: u32,
     steps: Vec<Step>,
     links: Vec<LinkRouting>,
     fwmark: Option<u32>,
@@ -1084,6 +1102,7 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
         }
     }
     Ok(Layout {
+        tun_index: tun.index,
         steps,
         links,
         fwmark: bypass_mark,

@@ -11,6 +11,31 @@
 //! Objects that existed before `apply` are never touched. Everything that can be checked without
 //! changing the system (interfaces exist, tables and marks are free, no rule would duplicate an
 //! existing one, no route would clash) is checked before the first change.
+//!
+//! How the daemon uses it (after creating the TUN device, before deleting it):
+//! ```no_run
+//! # use wgbond::io::netcfg::{apply, NetPlan, NetcfgError};
+//! # async fn daemon(plan: NetPlan) -> Result<(), NetcfgError> {
+//! let mut net = apply(&plan).await?;
+//! for warning in net.warnings() {
+//!     tracing::warn!("{warning}");
+//! }
+//! // SO_MARK for each link's UDP socket, in link order.
+//! let marks: Vec<u32> = net.links().iter().map(|l| l.mark).collect();
+//! let mut watcher = net.wan_watcher()?;
+//! // In the daemon's event loop: re-resolve gateways after WAN changes.
+//! if watcher.changed(std::time::Duration::from_millis(300)).await {
+//!     for result in net.refresh_links().await {
+//!         if let Err(e) = result {
+//!             tracing::warn!("{e}");
+//!         }
+//!     }
+//! }
+//! net.teardown().await?;
+//! # let _ = marks;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -13,6 +13,7 @@
 
 use std::net::IpAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use wgbond::io::netcfg::{
@@ -139,6 +140,12 @@ fn sorted_lines(s: &Snapshot) -> Snapshot {
 
 /// Two WANs (veth pairs; this kernel has no dummy module) with v4 and v6 default routes.
 fn build_wans() {
+    // No duplicate address detection: addresses would otherwise change from "tentative" to
+    // final while the test compares snapshots.
+    for scope in ["all", "default"] {
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{scope}/accept_dad"), "0")
+            .unwrap_or_else(|e| panic!("accept_dad: {e}"));
+    }
     ip("link set lo up");
     for (i, v4, gw4, metric) in [
         (0, "192.0.2.2/24", "192.0.2.1", 100),
@@ -160,6 +167,28 @@ fn build_wans() {
             "-6 route add default via 2001:db8:0:{sub}::1 dev {dev} metric {metric}"
         ));
     }
+    wait_settled();
+}
+
+/// Waits (at most 3 s) until every WAN veth reports state UP and the snapshot stops changing:
+/// carrier, link-local addresses and the local routes of new IPv6 addresses appear
+/// asynchronously, and a snapshot taken before would differ from one taken later.
+fn wait_settled() {
+    let mut last = snapshot();
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = snapshot();
+        let links_up = now.0[0]
+            .1
+            .lines()
+            .filter(|l| l.contains(": wan"))
+            .all(|l| l.contains("state UP"));
+        if links_up && now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("the WAN interfaces did not settle within 3 s:\n{last:#?}");
 }
 
 fn add_tun() {
@@ -542,6 +571,7 @@ fn refresh_follows_gateway_changes_and_late_wans() {
 
         // The modem connects: wan1 up, DHCP/RA install its addresses and default routes.
         ip("link set wan1 up");
+        wait_settled();
         ip("-6 addr add 2001:db8:0:2::2/64 dev wan1 nodad");
         ip("route add default via 198.51.100.1 dev wan1 metric 200");
         ip("-6 route add default via 2001:db8:0:2::1 dev wan1 metric 200");
@@ -667,5 +697,45 @@ fn bound_link_socket_uses_its_wan_gateway_not_on_link() {
         assert!(!neigh.contains(far), "still on-link:\n{neigh}");
         rt.block_on(applied.teardown())
             .unwrap_or_else(|e| panic!("teardown: {e}"));
+    });
+}
+
+#[test]
+fn watcher_reports_wan_changes_but_not_wgbonds_own() {
+    in_netns("watcher_reports_wan_changes", || {
+        build_wans();
+        add_tun();
+        let before = snapshot_masking_qdisc();
+        let rt = runtime();
+        let settle = std::time::Duration::from_millis(50);
+        let mut applied = rt
+            .block_on(apply(&site_plan()))
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        rt.block_on(async {
+            let mut watcher = applied
+                .wan_watcher()
+                .unwrap_or_else(|e| panic!("watcher: {e}"));
+            // Refreshing unchanged links changes nothing and must not wake the watcher.
+            for result in applied.refresh_links().await {
+                result.unwrap_or_else(|e| panic!("refresh: {e}"));
+            }
+            let quiet =
+                tokio::time::timeout(Duration::from_millis(500), watcher.changed(settle)).await;
+            assert!(quiet.is_err(), "watcher woke up without a WAN change");
+
+            // A DHCP renew on wan0 with a new gateway.
+            ip("route replace default via 192.0.2.254 dev wan0 metric 100");
+            let woke = tokio::time::timeout(Duration::from_secs(2), watcher.changed(settle)).await;
+            assert_eq!(woke, Ok(true), "watcher missed a gateway change");
+            let results = applied.refresh_links().await;
+            let routing = results[0]
+                .clone()
+                .unwrap_or_else(|e| panic!("refresh: {e}"));
+            assert_eq!(routing.v4, Some(Nexthop::Via(addr("192.0.2.254"))));
+        });
+        rt.block_on(applied.teardown())
+            .unwrap_or_else(|e| panic!("teardown: {e}"));
+        ip("route replace default via 192.0.2.1 dev wan0 metric 100");
+        assert_same(&before, &snapshot_masking_qdisc(), "after teardown");
     });
 }

@@ -11,6 +11,31 @@
 //! Objects that existed before `apply` are never touched. Everything that can be checked without
 //! changing the system (interfaces exist, tables and marks are free, no rule would duplicate an
 //! existing one, no route would clash) is checked before the first change.
+//!
+//! How the daemon uses it (after creating the TUN device, before deleting it):
+//! ```no_run
+//! # use wgbond::io::netcfg::{apply, NetPlan, NetcfgError};
+//! # async fn daemon(plan: NetPlan) -> Result<(), NetcfgError> {
+//! let mut net = apply(&plan).await?;
+//! for warning in net.warnings() {
+//!     tracing::warn!("{warning}");
+//! }
+//! // SO_MARK for each link's UDP socket, in link order.
+//! let marks: Vec<u32> = net.links().iter().map(|l| l.mark).collect();
+//! let mut watcher = net.wan_watcher()?;
+//! // In the daemon's event loop: re-resolve gateways after WAN changes.
+//! if watcher.changed(std::time::Duration::from_millis(300)).await {
+//!     for result in net.refresh_links().await {
+//!         if let Err(e) = result {
+//!             tracing::warn!("{e}");
+//!         }
+//!     }
+//! }
+//! net.teardown().await?;
+//! # let _ = marks;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -189,6 +214,9 @@ impl fmt::Display for NetcfgError {
 impl std::error::Error for NetcfgError {}
 
 /// Configures the kernel for `plan`. On error nothing is left changed.
+///
+/// Runs inside a tokio runtime (it spawns its netlink connection task). Let it finish: a
+/// future dropped halfway leaves what it had done so far in place.
 pub async fn apply(plan: &NetPlan) -> Result<AppliedNet, NetcfgError> {
     apply_inner(plan, None).await
 }
@@ -217,6 +245,7 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
         fwmark: None,
         tunnel_table: None,
         warnings: Vec::new(),
+        tun_index: 0,
         torn_down: false,
     };
     let state = match read_state(&applied.handle).await {
@@ -239,6 +268,7 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
     applied.fwmark = layout.fwmark;
     applied.tunnel_table = layout.tunnel_table;
     applied.warnings = layout.warnings;
+    applied.tun_index = layout.tun_index;
     for (index, step) in layout.steps.into_iter().enumerate() {
         tracing::debug!(step = %step.desc, "netcfg");
         let result = if fail_at == Some(index) {
@@ -278,10 +308,18 @@ pub struct AppliedNet {
     fwmark: Option<u32>,
     tunnel_table: Option<u32>,
     warnings: Vec<String>,
+    tun_index: u32,
     torn_down: bool,
 }
 
 impl AppliedNet {
+    /// A [`WanWatcher`] that ignores the TUN device's own changes. Call inside a tokio runtime.
+    pub fn wan_watcher(&self) -> Result<WanWatcher, NetcfgError> {
+        let mut watcher = WanWatcher::new()?;
+        watcher.ignore_index = Some(self.tun_index);
+        Ok(watcher)
+    }
+
     /// Per link (same order as [`NetPlan::links`]): its mark, table and route.
     pub fn links(&self) -> &[LinkRouting] {
         &self.links
@@ -352,7 +390,10 @@ impl AppliedNet {
                         action: Action::AddRoute(spec.message()),
                         tag,
                     };
-                    if let Action::AddRoute(msg) = &step.action {
+                    // Unchanged routes are left alone: no churn, no notifications.
+                    let present =
+                        existing.is_some() && state.routes.iter().any(|r| spec.matches(r));
+                    if let (false, Action::AddRoute(msg)) = (present, &step.action) {
                         ack_request(
                             &self.handle,
                             RouteNetlinkMessage::NewRoute(msg.clone()),
@@ -390,6 +431,15 @@ impl AppliedNet {
         }
         self.links[index] = updated.clone();
         Ok(updated)
+    }
+
+    /// [`refresh_link`](Self::refresh_link) for every link; one result per link, in order.
+    pub async fn refresh_links(&mut self) -> Vec<Result<LinkRouting, NetcfgError>> {
+        let mut results = Vec::with_capacity(self.links.len());
+        for index in 0..self.links.len() {
+            results.push(self.refresh_link(index).await);
+        }
+        results
     }
 
     /// Removes everything [`apply`] (and [`refresh_link`](Self::refresh_link)) added, newest
@@ -433,6 +483,102 @@ impl Drop for AppliedNet {
             }
             self.connection.abort();
         }
+    }
+}
+
+/// Notices kernel changes that can move a WAN's gateway (interfaces going up or down,
+/// addresses, routes), so the daemon knows when to call [`AppliedNet::refresh_links`].
+/// wgbond's own routes (protocol [`ROUTE_PROTOCOL`]) are ignored, so a refresh does not
+/// trigger another one.
+#[derive(Debug)]
+pub struct WanWatcher {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        netlink_sys::SocketAddr,
+    )>,
+    connection: JoinHandle<()>,
+    /// Interface whose changes do not matter (the TUN device).
+    ignore_index: Option<u32>,
+}
+
+impl WanWatcher {
+    /// Subscribes to link, address and route notifications. Call inside a tokio runtime.
+    pub fn new() -> Result<Self, NetcfgError> {
+        use netlink_sys::AsyncSocket;
+        use rtnetlink::constants::{
+            RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
+            RTMGRP_LINK,
+        };
+        let err =
+            |e: std::io::Error| NetcfgError::Invalid(format!("cannot watch network changes: {e}"));
+        let (mut connection, _handle, messages) = rtnetlink::new_connection().map_err(err)?;
+        let groups = RTMGRP_LINK
+            | RTMGRP_IPV4_IFADDR
+            | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&netlink_sys::SocketAddr::new(0, groups))
+            .map_err(err)?;
+        Ok(Self {
+            messages,
+            connection: tokio::spawn(connection),
+            ignore_index: None,
+        })
+    }
+
+    /// Waits for a relevant change, then until `settle` passes without another (a DHCP renew
+    /// or a modem reconnect is a burst of changes), at most 10 x `settle` in all. Returns
+    /// `false` if the notification socket closed.
+    pub async fn changed(&mut self, settle: std::time::Duration) -> bool {
+        loop {
+            match self.messages.next().await {
+                None => return false,
+                Some((msg, _)) if is_wan_relevant(&msg.payload, self.ignore_index) => break,
+                Some(_) => {}
+            }
+        }
+        let deadline = tokio::time::Instant::now() + settle * 10;
+        loop {
+            let wait = settle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if wait.is_zero() {
+                return true;
+            }
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Err(_) => return true,
+                Ok(None) => return false,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+}
+
+impl Drop for WanWatcher {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn is_wan_relevant(payload: &NetlinkPayload<RouteNetlinkMessage>, ignore: Option<u32>) -> bool {
+    match payload {
+        NetlinkPayload::InnerMessage(msg) => match msg {
+            RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+                Some(l.header.index) != ignore
+            }
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                Some(a.header.index) != ignore
+            }
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && parse_route(r).is_some_and(|r| {
+                        r.table != TABLE_LOCAL && (r.oif.is_none() || r.oif != ignore)
+                    })
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -510,6 +656,7 @@ enum Action {
 
 #[derive(Debug)]
 struct Layout {
+    tun_index: u32,
     steps: Vec<Step>,
     links: Vec<LinkRouting>,
     fwmark: Option<u32>,
@@ -966,12 +1113,12 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
     for rule in &planned_rules {
         if let Some(existing) = state.rules.iter().find(|r| r.same_as(rule)) {
             let leftover = if existing.protocol == Some(ROUTE_PROTOCOL) {
-                " (left over by a wgbond that did not shut down cleanly?)"
+                " (another wgbond full tunnel is up, or one did not shut down cleanly)"
             } else {
                 ""
             };
             return Err(format!(
-                "{} rule `{}` already exists{leftover}; remove it with `ip{} rule del {}`",
+                "{} rule `{}` already exists{leftover}; if it is a leftover, remove it with `ip{} rule del {}`",
                 rule.family.label(),
                 rule.text(),
                 if rule.family == Family::V6 { " -6" } else { "" },
@@ -980,6 +1127,7 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
         }
     }
     Ok(Layout {
+        tun_index: tun.index,
         steps,
         links,
         fwmark: bypass_mark,
@@ -1041,6 +1189,25 @@ struct RouteSpec {
 impl RouteSpec {
     fn family(&self) -> Family {
         Family::of(self.dst.addr())
+    }
+
+    /// Whether `route` (from a dump) is this route.
+    fn matches(&self, route: &RouteInfo) -> bool {
+        let family = self.family();
+        route.family == family
+            && route.table == self.table
+            && route.dst_len == self.dst.prefix_len()
+            && route.dst.unwrap_or(family.zero_net().addr()) == self.dst.addr()
+            && route.kind
+                == if self.unreachable {
+                    RouteType::Unreachable
+                } else {
+                    RouteType::Unicast
+                }
+            && route.oif == self.dev.as_ref().map(|(i, _)| *i)
+            && route.gateway == self.gateway
+            && route.metric == self.metric.unwrap_or(family.default_metric())
+            && route.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
     }
 
     fn describe(&self, prefix: &str) -> String {
@@ -1863,10 +2030,7 @@ mod tests {
         let err = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Auto), &s)
             .err()
             .unwrap_or_default();
-        assert!(
-            err.contains("already exists (left over by a wgbond"),
-            "{err}"
-        );
+        assert!(err.contains("did not shut down cleanly"), "{err}");
         assert!(
             err.contains("ip rule del priority 31200 from all lookup main suppress_prefixlength 0"),
             "{err}"

@@ -13,6 +13,7 @@
 
 use std::net::IpAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use wgbond::io::netcfg::{
@@ -139,6 +140,12 @@ fn sorted_lines(s: &Snapshot) -> Snapshot {
 
 /// Two WANs (veth pairs; this kernel has no dummy module) with v4 and v6 default routes.
 fn build_wans() {
+    // No duplicate address detection: addresses would otherwise change from "tentative" to
+    // final while the test compares snapshots.
+    for scope in ["all", "default"] {
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{scope}/accept_dad"), "0")
+            .unwrap_or_else(|e| panic!("accept_dad: {e}"));
+    }
     ip("link set lo up");
     for (i, v4, gw4, metric) in [
         (0, "192.0.2.2/24", "192.0.2.1", 100),
@@ -160,6 +167,28 @@ fn build_wans() {
             "-6 route add default via 2001:db8:0:{sub}::1 dev {dev} metric {metric}"
         ));
     }
+    wait_settled();
+}
+
+/// Waits (at most 3 s) until every WAN veth reports state UP and the snapshot stops changing:
+/// carrier, link-local addresses and the local routes of new IPv6 addresses appear
+/// asynchronously, and a snapshot taken before would differ from one taken later.
+fn wait_settled() {
+    let mut last = snapshot();
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = snapshot();
+        let links_up = now.0[0]
+            .1
+            .lines()
+            .filter(|l| l.contains(": wan"))
+            .all(|l| l.contains("state UP"));
+        if links_up && now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("the WAN interfaces did not settle within 3 s:\n{last:#?}");
 }
 
 fn add_tun() {
@@ -542,6 +571,7 @@ fn refresh_follows_gateway_changes_and_late_wans() {
 
         // The modem connects: wan1 up, DHCP/RA install its addresses and default routes.
         ip("link set wan1 up");
+        wait_settled();
         ip("-6 addr add 2001:db8:0:2::2/64 dev wan1 nodad");
         ip("route add default via 198.51.100.1 dev wan1 metric 200");
         ip("-6 route add default via 2001:db8:0:2::1 dev wan1 metric 200");
@@ -572,6 +602,20 @@ fn refresh_follows_gateway_changes_and_late_wans() {
             "after the gateway changed",
         );
 
+        // The gateway disappears for a moment (DHCP in progress): the last one is kept.
+        ip("route del default via 192.0.2.254 dev wan0");
+        let routing = rt
+            .block_on(applied.refresh_link(0))
+            .unwrap_or_else(|e| panic!("refresh: {e}"));
+        assert_eq!(routing.v4, Some(Nexthop::Via(addr("192.0.2.254"))));
+        let get = ip(&format!("-4 route get 1.1.1.1 mark {mark0}"));
+        assert_contains(
+            &get,
+            "via 192.0.2.254 dev wan0",
+            "after the gateway vanished",
+        );
+        ip("route add default via 192.0.2.254 dev wan0 metric 100");
+
         rt.block_on(applied.teardown())
             .unwrap_or_else(|e| panic!("teardown: {e}"));
         // Undo the test's own change to wan0's default route; then everything must match.
@@ -584,5 +628,114 @@ fn refresh_follows_gateway_changes_and_late_wans() {
             &sorted_lines(&snapshot_masking_qdisc()),
             "after teardown",
         );
+    });
+}
+
+/// Sends one UDP datagram to `dst` from a socket bound to `dev`, optionally marked.
+fn send_bound_udp(dev: &str, mark: Option<u32>, dst: &str) {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    let fd = socket.as_raw_fd();
+    // SAFETY: fd is a live socket; the option values point to buffers of the given length.
+    unsafe {
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            dev.as_ptr().cast(),
+            dev.len() as libc::socklen_t,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "SO_BINDTODEVICE: {}",
+            std::io::Error::last_os_error()
+        );
+        if let Some(mark) = mark {
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "SO_MARK: {}", std::io::Error::last_os_error());
+        }
+    }
+    // The neighbour lookup (ARP) starts even though nobody answers inside this namespace.
+    socket
+        .send_to(b"probe", (dst, 9))
+        .unwrap_or_else(|e| panic!("send_to {dst}: {e}"));
+}
+
+#[test]
+fn bound_link_socket_uses_its_wan_gateway_not_on_link() {
+    in_netns("bound_link_socket_uses_its_wan_gateway", || {
+        build_wans();
+        // A typical multi-WAN box: only the primary WAN has a default route in main.
+        ip("route del default via 198.51.100.1 dev wan1");
+        add_tun();
+        // TEST-NET-3: never leaves this private namespace anyway.
+        let far = "203.0.113.9";
+
+        // Without wgbond's link table, a socket bound to wan1 sends on-link: it ARPs for the
+        // far address itself (the problem the per-link tables solve).
+        send_bound_udp("wan1", None, far);
+        let neigh = ip("neigh show dev wan1");
+        assert_contains(&neigh, far, "on-link ARP without a link table");
+        ip("neigh flush dev wan1");
+
+        let rt = runtime();
+        let mut plan = site_plan();
+        plan.links[1].gateway = Some(addr("198.51.100.1"));
+        let applied = rt
+            .block_on(apply(&plan))
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        send_bound_udp("wan1", Some(applied.links()[1].mark), far);
+        let neigh = ip("neigh show dev wan1");
+        assert_contains(&neigh, "198.51.100.1", "ARP for wan1's gateway");
+        assert!(!neigh.contains(far), "still on-link:\n{neigh}");
+        rt.block_on(applied.teardown())
+            .unwrap_or_else(|e| panic!("teardown: {e}"));
+    });
+}
+
+#[test]
+fn watcher_reports_wan_changes_but_not_wgbonds_own() {
+    in_netns("watcher_reports_wan_changes", || {
+        build_wans();
+        add_tun();
+        let before = snapshot_masking_qdisc();
+        let rt = runtime();
+        let settle = std::time::Duration::from_millis(50);
+        let mut applied = rt
+            .block_on(apply(&site_plan()))
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        rt.block_on(async {
+            let mut watcher = applied
+                .wan_watcher()
+                .unwrap_or_else(|e| panic!("watcher: {e}"));
+            // Refreshing unchanged links changes nothing and must not wake the watcher.
+            for result in applied.refresh_links().await {
+                result.unwrap_or_else(|e| panic!("refresh: {e}"));
+            }
+            let quiet =
+                tokio::time::timeout(Duration::from_millis(500), watcher.changed(settle)).await;
+            assert!(quiet.is_err(), "watcher woke up without a WAN change");
+
+            // A DHCP renew on wan0 with a new gateway.
+            ip("route replace default via 192.0.2.254 dev wan0 metric 100");
+            let woke = tokio::time::timeout(Duration::from_secs(2), watcher.changed(settle)).await;
+            assert_eq!(woke, Ok(true), "watcher missed a gateway change");
+            let results = applied.refresh_links().await;
+            let routing = results[0]
+                .clone()
+                .unwrap_or_else(|e| panic!("refresh: {e}"));
+            assert_eq!(routing.v4, Some(Nexthop::Via(addr("192.0.2.254"))));
+        });
+        rt.block_on(applied.teardown())
+            .unwrap_or_else(|e| panic!("teardown: {e}"));
+        ip("route replace default via 192.0.2.1 dev wan0 metric 100");
+        assert_same(&before, &snapshot_masking_qdisc(), "after teardown");
     });
 }

@@ -220,7 +220,8 @@ impl LinkEstimator {
 
     /// When the link will be declared down if nothing is heard.
     pub fn dead_deadline(&self) -> Option<Instant> {
-        if matches!(self.state, LinkState::Down) {
+        // A link that never answered is still probing: it cannot die yet.
+        if matches!(self.state, LinkState::Down) || self.srtt.is_none() {
             return None;
         }
         let since = self.unanswered_since?;

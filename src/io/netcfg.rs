@@ -11,6 +11,31 @@
 //! Objects that existed before `apply` are never touched. Everything that can be checked without
 //! changing the system (interfaces exist, tables and marks are free, no rule would duplicate an
 //! existing one, no route would clash) is checked before the first change.
+//!
+//! How the daemon uses it (after creating the TUN device, before deleting it):
+//! ```no_run
+//! # use wgbond::io::netcfg::{apply, NetPlan, NetcfgError};
+//! # async fn daemon(plan: NetPlan) -> Result<(), NetcfgError> {
+//! let mut net = apply(&plan).await?;
+//! for warning in net.warnings() {
+//!     tracing::warn!("{warning}");
+//! }
+//! // SO_MARK for each link's UDP socket, in link order.
+//! let marks: Vec<u32> = net.links().iter().map(|l| l.mark).collect();
+//! let mut watcher = net.wan_watcher()?;
+//! // In the daemon's event loop: re-resolve gateways after WAN changes.
+//! if watcher.changed(std::time::Duration::from_millis(300)).await {
+//!     for result in net.refresh_links().await {
+//!         if let Err(e) = result {
+//!             tracing::warn!("{e}");
+//!         }
+//!     }
+//! }
+//! net.teardown().await?;
+//! # let _ = marks;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -189,6 +214,9 @@ impl fmt::Display for NetcfgError {
 impl std::error::Error for NetcfgError {}
 
 /// Configures the kernel for `plan`. On error nothing is left changed.
+///
+/// Runs inside a tokio runtime (it spawns its netlink connection task). Let it finish: a
+/// future dropped halfway leaves what it had done so far in place.
 pub async fn apply(plan: &NetPlan) -> Result<AppliedNet, NetcfgError> {
     apply_inner(plan, None).await
 }
@@ -217,6 +245,7 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
         fwmark: None,
         tunnel_table: None,
         warnings: Vec::new(),
+        tun_index: 0,
         torn_down: false,
     };
     let state = match read_state(&applied.handle).await {
@@ -239,6 +268,7 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
     applied.fwmark = layout.fwmark;
     applied.tunnel_table = layout.tunnel_table;
     applied.warnings = layout.warnings;
+    applied.tun_index = layout.tun_index;
     for (index, step) in layout.steps.into_iter().enumerate() {
         tracing::debug!(step = %step.desc, "netcfg");
         let result = if fail_at == Some(index) {
@@ -278,10 +308,18 @@ pub struct AppliedNet {
     fwmark: Option<u32>,
     tunnel_table: Option<u32>,
     warnings: Vec<String>,
+    tun_index: u32,
     torn_down: bool,
 }
 
 impl AppliedNet {
+    /// A [`WanWatcher`] that ignores the TUN device's own changes. Call inside a tokio runtime.
+    pub fn wan_watcher(&self) -> Result<WanWatcher, NetcfgError> {
+        let mut watcher = WanWatcher::new()?;
+        watcher.ignore_index = Some(self.tun_index);
+        Ok(watcher)
+    }
+
     /// Per link (same order as [`NetPlan::links`]): its mark, table and route.
     pub fn links(&self) -> &[LinkRouting] {
         &self.links
@@ -352,7 +390,10 @@ impl AppliedNet {
                         action: Action::AddRoute(spec.message()),
                         tag,
                     };
-                    if let Action::AddRoute(msg) = &step.action {
+                    // Unchanged routes are left alone: no churn, no notifications.
+                    let present =
+                        existing.is_some() && state.routes.iter().any(|r| spec.matches(r));
+                    if let (false, Action::AddRoute(msg)) = (present, &step.action) {
                         ack_request(
                             &self.handle,
                             RouteNetlinkMessage::NewRoute(msg.clone()),
@@ -390,6 +431,15 @@ impl AppliedNet {
         }
         self.links[index] = updated.clone();
         Ok(updated)
+    }
+
+    /// [`refresh_link`](Self::refresh_link) for every link; one result per link, in order.
+    pub async fn refresh_links(&mut self) -> Vec<Result<LinkRouting, NetcfgError>> {
+        let mut results = Vec::with_capacity(self.links.len());
+        for index in 0..self.links.len() {
+            results.push(self.refresh_link(index).await);
+        }
+        results
     }
 
     /// Removes everything [`apply`] (and [`refresh_link`](Self::refresh_link)) added, newest
@@ -433,6 +483,102 @@ impl Drop for AppliedNet {
             }
             self.connection.abort();
         }
+    }
+}
+
+/// Notices kernel changes that can move a WAN's gateway (interfaces going up or down,
+/// addresses, routes), so the daemon knows when to call [`AppliedNet::refresh_links`].
+/// wgbond's own routes (protocol [`ROUTE_PROTOCOL`]) are ignored, so a refresh does not
+/// trigger another one.
+#[derive(Debug)]
+pub struct WanWatcher {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        netlink_sys::SocketAddr,
+    )>,
+    connection: JoinHandle<()>,
+    /// Interface whose changes do not matter (the TUN device).
+    ignore_index: Option<u32>,
+}
+
+impl WanWatcher {
+    /// Subscribes to link, address and route notifications. Call inside a tokio runtime.
+    pub fn new() -> Result<Self, NetcfgError> {
+        use netlink_sys::AsyncSocket;
+        use rtnetlink::constants::{
+            RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
+            RTMGRP_LINK,
+        };
+        let err =
+            |e: std::io::Error| NetcfgError::Invalid(format!("cannot watch network changes: {e}"));
+        let (mut connection, _handle, messages) = rtnetlink::new_connection().map_err(err)?;
+        let groups = RTMGRP_LINK
+            | RTMGRP_IPV4_IFADDR
+            | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&netlink_sys::SocketAddr::new(0, groups))
+            .map_err(err)?;
+        Ok(Self {
+            messages,
+            connection: tokio::spawn(connection),
+            ignore_index: None,
+        })
+    }
+
+    /// Waits for a relevant change, then until `settle` passes without another (a DHCP renew
+    /// or a modem reconnect is a burst of changes), at most 10 x `settle` in all. Returns
+    /// `false` if the notification socket closed.
+    pub async fn changed(&mut self, settle: std::time::Duration) -> bool {
+        loop {
+            match self.messages.next().await {
+                None => return false,
+                Some((msg, _)) if is_wan_relevant(&msg.payload, self.ignore_index) => break,
+                Some(_) => {}
+            }
+        }
+        let deadline = tokio::time::Instant::now() + settle * 10;
+        loop {
+            let wait = settle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if wait.is_zero() {
+                return true;
+            }
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Err(_) => return true,
+                Ok(None) => return false,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+}
+
+impl Drop for WanWatcher {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn is_wan_relevant(payload: &NetlinkPayload<RouteNetlinkMessage>, ignore: Option<u32>) -> bool {
+    match payload {
+        NetlinkPayload::InnerMessage(msg) => match msg {
+            RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+                Some(l.header.index) != ignore
+            }
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                Some(a.header.index) != ignore
+            }
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && parse_route(r).is_some_and(|r| {
+                        r.table != TABLE_LOCAL && (r.oif.is_none() || r.oif != ignore)
+                    })
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -510,6 +656,7 @@ enum Action {
 
 #[derive(Debug)]
 struct Layout {
+    tun_index: u32,
     steps: Vec<Step>,
     links: Vec<LinkRouting>,
     fwmark: Option<u32>,
@@ -669,7 +816,7 @@ fn find_default_gateway(
         }
         let rank = (route.table != TABLE_MAIN, route.metric);
         let mut consider = |gw: Option<IpAddr>| {
-            if best.as_ref().map_or(true, |(r, _)| rank < *r) {
+            if best.as_ref().is_none_or(|(r, _)| rank < *r) {
                 best = Some((rank, gw));
             }
         };
@@ -966,12 +1113,12 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
     for rule in &planned_rules {
         if let Some(existing) = state.rules.iter().find(|r| r.same_as(rule)) {
             let leftover = if existing.protocol == Some(ROUTE_PROTOCOL) {
-                " (left over by a wgbond that did not shut down cleanly?)"
+                " (another wgbond full tunnel is up, or one did not shut down cleanly)"
             } else {
                 ""
             };
             return Err(format!(
-                "{} rule `{}` already exists{leftover}; remove it with `ip{} rule del {}`",
+                "{} rule `{}` already exists{leftover}; if it is a leftover, remove it with `ip{} rule del {}`",
                 rule.family.label(),
                 rule.text(),
                 if rule.family == Family::V6 { " -6" } else { "" },
@@ -980,6 +1127,7 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
         }
     }
     Ok(Layout {
+        tun_index: tun.index,
         steps,
         links,
         fwmark: bypass_mark,
@@ -1041,6 +1189,25 @@ struct RouteSpec {
 impl RouteSpec {
     fn family(&self) -> Family {
         Family::of(self.dst.addr())
+    }
+
+    /// Whether `route` (from a dump) is this route.
+    fn matches(&self, route: &RouteInfo) -> bool {
+        let family = self.family();
+        route.family == family
+            && route.table == self.table
+            && route.dst_len == self.dst.prefix_len()
+            && route.dst.unwrap_or(family.zero_net().addr()) == self.dst.addr()
+            && route.kind
+                == if self.unreachable {
+                    RouteType::Unreachable
+                } else {
+                    RouteType::Unicast
+                }
+            && route.oif == self.dev.as_ref().map(|(i, _)| *i)
+            && route.gateway == self.gateway
+            && route.metric == self.metric.unwrap_or(family.default_metric())
+            && route.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
     }
 
     fn describe(&self, prefix: &str) -> String {
@@ -1573,5 +1740,407 @@ async fn undo_step(handle: &Handle, action: &Action) -> Result<(), NlError> {
             ..
         }) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, up: bool) -> LinkInfo {
+        LinkInfo {
+            index,
+            name: name.to_owned(),
+            mtu: 1500,
+            up,
+        }
+    }
+
+    fn default_route(
+        family: Family,
+        table: u32,
+        oif: u32,
+        gw: Option<&str>,
+        metric: u32,
+    ) -> RouteInfo {
+        RouteInfo {
+            family,
+            table,
+            dst: None,
+            dst_len: 0,
+            oif: Some(oif),
+            gateway: gw.map(|g| g.parse().unwrap_or_else(|e| panic!("{g}: {e}"))),
+            metric,
+            kind: RouteType::Unicast,
+            protocol: RouteProtocol::Static,
+            multipath: Vec::new(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    /// tun = 1, wan0 = 2 (default via 192.0.2.1 metric 100), wan1 = 3 (no routes, up).
+    fn state() -> SystemState {
+        SystemState {
+            links: vec![
+                link(1, "wgb0", false),
+                link(2, "wan0", true),
+                link(3, "wan1", true),
+            ],
+            addrs: vec![AddrInfo {
+                index: 3,
+                addr: ip("198.51.100.2"),
+                prefix: 24,
+            }],
+            routes: vec![default_route(
+                Family::V4,
+                TABLE_MAIN,
+                2,
+                Some("192.0.2.1"),
+                100,
+            )],
+            rules: Vec::new(),
+        }
+    }
+
+    fn plan(allowed: &[&str], table: RouteTableSetting) -> NetPlan {
+        NetPlan {
+            tun_name: "wgb0".to_owned(),
+            addresses: vec![net("10.99.0.2/24")],
+            mtu: 1400,
+            allowed_ips: allowed.iter().map(|s| net(s)).collect(),
+            table,
+            fwmark: None,
+            links: vec![
+                WanLinkPlan {
+                    name: "cable".to_owned(),
+                    bind: WanBind::Interface("wan0".to_owned()),
+                    gateway: None,
+                },
+                WanLinkPlan {
+                    name: "lte".to_owned(),
+                    bind: WanBind::Address(ip("198.51.100.2")),
+                    gateway: None,
+                },
+            ],
+        }
+    }
+
+    fn descs(layout: &Layout) -> Vec<&str> {
+        layout.steps.iter().map(|s| s.desc.as_str()).collect()
+    }
+
+    #[test]
+    fn zero_nets_are_default_routes() {
+        assert_eq!(Family::V4.zero_net(), net("0.0.0.0/0"));
+        assert_eq!(Family::V6.zero_net(), net("::/0"));
+    }
+
+    #[test]
+    fn gateway_prefers_main_then_lowest_metric_and_reads_multipath() {
+        let mut s = state();
+        s.routes.push(default_route(
+            Family::V4,
+            TABLE_MAIN,
+            2,
+            Some("192.0.2.9"),
+            50,
+        ));
+        s.routes
+            .push(default_route(Family::V4, 100, 2, Some("192.0.2.7"), 0));
+        assert_eq!(
+            find_default_gateway(&s, 2, Family::V4),
+            Some(Some(ip("192.0.2.9")))
+        );
+        // Only in another table (a multi-WAN box with its own policy routing).
+        s.routes
+            .push(default_route(Family::V4, 101, 3, Some("198.51.100.1"), 0));
+        assert_eq!(
+            find_default_gateway(&s, 3, Family::V4),
+            Some(Some(ip("198.51.100.1")))
+        );
+        // A multipath default route through several WANs.
+        let mut multi = default_route(Family::V6, TABLE_MAIN, 0, None, 1024);
+        multi.oif = None;
+        multi.multipath = vec![(2, Some(ip("fe80::1"))), (3, Some(ip("fe80::2")))];
+        s.routes.push(multi);
+        assert_eq!(
+            find_default_gateway(&s, 3, Family::V6),
+            Some(Some(ip("fe80::2")))
+        );
+        // Point-to-point WAN: default route without gateway.
+        s.routes
+            .push(default_route(Family::V4, TABLE_MAIN, 4, None, 0));
+        assert_eq!(find_default_gateway(&s, 4, Family::V4), Some(None));
+        assert_eq!(find_default_gateway(&s, 5, Family::V4), None);
+        // wgbond's own routes never count.
+        let mut ours = default_route(Family::V4, TABLE_MAIN, 5, Some("203.0.113.1"), 0);
+        ours.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        s.routes.push(ours);
+        assert_eq!(find_default_gateway(&s, 5, Family::V4), None);
+    }
+
+    #[test]
+    fn links_resolve_gateways_and_fall_back_to_on_link() {
+        let p = plan(&[], RouteTableSetting::Auto);
+        let s = state();
+        let cable = resolve_link(&p.links[0], &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cable.v4, Some(Nexthop::Via(ip("192.0.2.1"))));
+        assert_eq!(cable.v6, None);
+        let lte = resolve_link(&p.links[1], &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (lte.ifname.as_str(), lte.v4),
+            ("wan1", Some(Nexthop::OnLink))
+        );
+        let mut configured = p.links[1].clone();
+        configured.gateway = Some(ip("198.51.100.254"));
+        let lte = resolve_link(&configured, &s).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(lte.v4, Some(Nexthop::Via(ip("198.51.100.254"))));
+        let mut missing = p.links[1].clone();
+        missing.bind = WanBind::Address(ip("203.0.113.5"));
+        assert_eq!(
+            resolve_link(&missing, &s).err().as_deref(),
+            Some("link `lte`: no interface has the address 203.0.113.5 (bind_address)")
+        );
+    }
+
+    #[test]
+    fn full_tunnel_plan_orders_link_routing_before_tunnel_rules() {
+        let layout = plan_layout(
+            &plan(&["0.0.0.0/0", "10.1.0.0/16"], RouteTableSetting::Auto),
+            &state(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        let first_tunnel_rule = d
+            .iter()
+            .position(|s| s.contains("31200"))
+            .unwrap_or(usize::MAX);
+        let last_link_rule = d
+            .iter()
+            .rposition(|s| s.contains("priority 31100"))
+            .unwrap_or(0);
+        assert!(last_link_rule < first_tunnel_rule, "{d:#?}");
+        assert!(
+            d.contains(&"add route 0.0.0.0/0 dev wgb0 table 51820"),
+            "{d:#?}"
+        );
+        // Not a /0: into the main table, as wg-quick does.
+        assert!(d.contains(&"add route 10.1.0.0/16 dev wgb0"), "{d:#?}");
+        assert!(
+            d.contains(
+                &"link `lte`: add IPv4 rule `priority 31100 from 198.51.100.2/32 lookup 51822`"
+            ),
+            "{d:#?}"
+        );
+        assert!(
+            d.contains(&"add IPv4 rule `priority 31201 not from all fwmark 0xca6c lookup 51820`"),
+            "{d:#?}"
+        );
+        // No IPv6 /0, so no IPv6 tunnel rules.
+        assert!(
+            !d.iter().any(|s| s.contains("IPv6 rule `priority 312")),
+            "{d:#?}"
+        );
+        assert_eq!(layout.fwmark, Some(FIRST_TABLE));
+        assert_eq!(layout.links[1].mark, FIRST_TABLE + 2);
+    }
+
+    #[test]
+    fn table_id_and_off_add_no_tunnel_rules() {
+        let layout = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Id(200)), &state())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        assert!(
+            d.contains(&"add route 0.0.0.0/0 dev wgb0 table 200"),
+            "{d:#?}"
+        );
+        assert!(!d.iter().any(|s| s.contains("3120")), "{d:#?}");
+        assert_eq!((layout.fwmark, layout.tunnel_table), (None, Some(200)));
+
+        let layout = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Off), &state())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        assert!(!d.iter().any(|s| s.contains("dev wgb0")), "{d:#?}");
+        // The links still get their tables.
+        assert!(
+            d.iter()
+                .any(|s| s.contains("via 192.0.2.1 dev wan0 table 51821")),
+            "{d:#?}"
+        );
+    }
+
+    #[test]
+    fn used_tables_and_marks_are_skipped() {
+        let mut s = state();
+        s.routes
+            .push(default_route(Family::V6, FIRST_TABLE, 2, None, 0));
+        s.rules.push(RuleInfo {
+            family: Family::V4,
+            priority: 100,
+            table: 300,
+            action: RuleAction::ToTable,
+            fwmark: Some((FIRST_TABLE + 3, u32::MAX)),
+            invert: false,
+            src: None,
+            suppress_prefixlen: None,
+            protocol: None,
+            other: false,
+        });
+        let layout = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Auto), &s)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // 51820 has a route, 51823 is a foreign mark: the first free triple is 51824..=51826.
+        assert_eq!(layout.tunnel_table, Some(FIRST_TABLE + 4));
+        assert_eq!(layout.links[0].table, FIRST_TABLE + 5);
+    }
+
+    #[test]
+    fn clashing_main_route_and_duplicate_rule_are_refused() {
+        let mut s = state();
+        let mut clash = default_route(Family::V4, TABLE_MAIN, 2, Some("192.0.2.1"), 0);
+        clash.dst = Some(ip("10.1.0.0"));
+        clash.dst_len = 16;
+        s.routes.push(clash);
+        assert_eq!(
+            plan_layout(&plan(&["10.1.0.0/16"], RouteTableSetting::Auto), &s)
+                .err()
+                .as_deref(),
+            Some("allowed_ips 10.1.0.0/16: table main already has a route to 10.1.0.0/16 dev wan0")
+        );
+
+        let mut s = state();
+        s.rules.push(RuleInfo {
+            family: Family::V4,
+            priority: RULE_PRIORITY_SUPPRESS,
+            table: TABLE_MAIN,
+            action: RuleAction::ToTable,
+            fwmark: None,
+            invert: false,
+            src: None,
+            suppress_prefixlen: Some(0),
+            protocol: Some(ROUTE_PROTOCOL),
+            other: false,
+        });
+        let err = plan_layout(&plan(&["0.0.0.0/0"], RouteTableSetting::Auto), &s)
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("did not shut down cleanly"), "{err}");
+        assert!(
+            err.contains("ip rule del priority 31200 from all lookup main suppress_prefixlength 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn own_prefix_is_not_routed_twice_and_address_conflicts_are_refused() {
+        let layout = plan_layout(
+            &plan(&["10.99.0.0/24", "10.99.0.7/32"], RouteTableSetting::Auto),
+            &state(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !descs(&layout).iter().any(|s| s.contains("route 10.99")),
+            "{:#?}",
+            descs(&layout)
+        );
+
+        let mut s = state();
+        s.addrs.push(AddrInfo {
+            index: 2,
+            addr: ip("10.99.0.2"),
+            prefix: 24,
+        });
+        assert_eq!(
+            plan_layout(&plan(&[], RouteTableSetting::Auto), &s)
+                .err()
+                .as_deref(),
+            Some("address 10.99.0.2 is already assigned to wan0")
+        );
+    }
+
+    #[test]
+    fn down_wan_gets_only_its_fallback_and_a_warning() {
+        let mut s = state();
+        s.links[1].up = false;
+        let layout =
+            plan_layout(&plan(&[], RouteTableSetting::Auto), &s).unwrap_or_else(|e| panic!("{e}"));
+        let d = descs(&layout);
+        assert!(
+            d.contains(
+                &"link `cable`: add route unreachable 0.0.0.0/0 metric 4294967295 table 51821"
+            ),
+            "{d:#?}"
+        );
+        assert!(!d.iter().any(|s| s.contains("dev wan0 table")), "{d:#?}");
+        assert!(
+            layout.warnings.iter().any(|w| w.contains("wan0 is down")),
+            "{:?}",
+            layout.warnings
+        );
+        assert_eq!(layout.links[0].v4, None);
+    }
+
+    #[test]
+    fn kernel_rule_dump_is_normalised() {
+        let mut msg = RuleMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.table = TABLE_MAIN as u8;
+        msg.header.action = RuleAction::ToTable;
+        msg.attributes = vec![
+            RuleAttribute::Priority(RULE_PRIORITY_SUPPRESS),
+            RuleAttribute::SuppressPrefixLen(0),
+            RuleAttribute::SuppressIfGroup(u32::MAX),
+            RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
+        ];
+        let rule = parse_rule(&msg).unwrap_or_else(|| panic!("unparsed"));
+        let spec = RuleSpec {
+            family: Family::V4,
+            priority: RULE_PRIORITY_SUPPRESS,
+            table: TABLE_MAIN,
+            fwmark: None,
+            invert: false,
+            src: None,
+            suppress_prefixlen: Some(0),
+        };
+        assert!(rule.same_as(&spec));
+        msg.attributes
+            .push(RuleAttribute::Iifname("eth0".to_owned()));
+        let rule = parse_rule(&msg).unwrap_or_else(|| panic!("unparsed"));
+        assert!(
+            !rule.same_as(&spec),
+            "a rule with an iif selector is a different rule"
+        );
+        msg.attributes[1] = RuleAttribute::SuppressPrefixLen(u32::MAX);
+        assert_eq!(parse_rule(&msg).and_then(|r| r.suppress_prefixlen), None);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_before_touching_the_system() {
+        let mut p = plan(&[], RouteTableSetting::Auto);
+        p.mtu = 1200;
+        p.addresses.push(net("fd99::2/64"));
+        assert_eq!(
+            check_plan(&p).err().as_deref(),
+            Some("MTU 1200 is out of range (1280..=65535)")
+        );
+        let mut p = plan(&[], RouteTableSetting::Id(255));
+        assert!(check_plan(&p).is_err());
+        p.table = RouteTableSetting::Auto;
+        p.links[1].gateway = Some(ip("fe80::1"));
+        assert!(check_plan(&p)
+            .err()
+            .unwrap_or_default()
+            .contains("different address families"));
+        p.links[1] = p.links[0].clone();
+        assert_eq!(
+            check_plan(&p).err().as_deref(),
+            Some("link `cable` is listed twice")
+        );
     }
 }

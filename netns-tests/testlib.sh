@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Helpers for netns-tests/tests/*.sh: results, numeric checks, ping and iperf3 measurements.
+# Each check prints one line "PASS name: detail" or "FAIL name: detail"; the runner counts them.
+
+# shellcheck source=lab.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
+
+TEST_FAILED=0
+
+t_pass() { echo "PASS $1: $2"; }
+t_fail() {
+    echo "FAIL $1: $2"
+    TEST_FAILED=1
+}
+
+# t_range NAME VALUE LOW HIGH [UNIT]: passes when LOW <= VALUE <= HIGH (decimals allowed).
+t_range() {
+    local name=$1 value=$2 low=$3 high=$4 unit=${5:-}
+    if [[ -z $value ]]; then
+        t_fail "$name" "no measurement (expected $low..$high$unit)"
+    elif awk -v v="$value" -v l="$low" -v h="$high" 'BEGIN { exit !(v >= l && v <= h) }'; then
+        t_pass "$name" "$value$unit within $low..$high$unit"
+    else
+        t_fail "$name" "$value$unit outside $low..$high$unit"
+    fi
+}
+
+# Floating-point arithmetic for the shell: t_calc '2 * 10 + 1'
+t_calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
+
+# t_ping ROLE SRC DST COUNT INTERVAL -> prints "loss_pct min avg max mdev" (RTTs in ms).
+t_ping() {
+    local role=$1 src=$2 dst=$3 count=$4 interval=$5 out loss rtt
+    out=$(lab_exec "$role" ping -n -q -I "$src" -c "$count" -i "$interval" -W 2 "$dst" 2>&1)
+    loss=$(sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p' <<<"$out")
+    rtt=$(sed -n 's|.*= \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*|\1 \2 \3 \4|p' <<<"$out")
+    echo "${loss:-100} ${rtt:-- - - -}"
+}
+
+# One ping so ARP and neighbour entries exist before anything is timed.
+t_warm() {
+    lab_exec "$1" ping -n -q -I "$2" -c 2 -i 0.2 -W 3 "$3" >/dev/null 2>&1
+}
+
+# Starts an iperf3 server in ROLE (killed by lab_down), waits until it listens.
+t_iperf_server() {
+    local role=$1 port=${2:-5201} tries
+    lab_bg "$role" iperf3 -s -p "$port" >/dev/null 2>&1
+    for ((tries = 0; tries < 50; tries++)); do
+        lab_exec "$role" ss -ltn 2>/dev/null | grep -q ":$port " && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# t_iperf ROLE SRC DST SECONDS [iperf3 options...] -> receiver rate in Mbit/s.
+t_iperf() {
+    local role=$1 src=$2 dst=$3 secs=$4
+    shift 4
+    lab_exec "$role" timeout $((secs + 15)) iperf3 -f m -c "$dst" -B "$src" -t "$secs" "$@" 2>&1 |
+        awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }'
+}

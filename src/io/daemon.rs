@@ -39,8 +39,11 @@ use crate::tunnel::{LinkTunnel, Received, TunnelKeys, MAX_BUF, TIMER_TICK};
 
 /// Packets read per wake-up before the bonds are drained (amortises the drain).
 const BATCH: usize = 64;
-/// How often the site re-reads its WANs' gateways (DHCP renews, modem reconnects).
-const LINK_REFRESH: Duration = Duration::from_secs(10);
+/// How often the site re-reads its WANs' gateways even without a netlink notification (a
+/// safety net; WAN changes are normally seen at once through [`netcfg::WanWatcher`]).
+const LINK_REFRESH: Duration = Duration::from_secs(60);
+/// Quiet time after a burst of WAN notifications before the links are refreshed.
+const WAN_SETTLE: Duration = Duration::from_millis(300);
 /// UDP socket buffer size asked for (the kernel caps it at net.core.*mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -104,6 +107,7 @@ enum Wake {
     Net(usize, io::Result<(usize, SocketAddr)>),
     Control(Option<ControlMsg>),
     Accept(io::Result<UnixStream>),
+    WanChanged(Option<()>),
     Timer,
 }
 
@@ -122,6 +126,9 @@ struct Daemon {
     drops: InterfaceDrops,
     next_tick: Instant,
     next_refresh: Instant,
+    /// Site: one message per settled burst of WAN changes (DHCP renew, modem reconnect).
+    wan_changes: Option<mpsc::Receiver<()>>,
+    wan_watcher: Option<tokio::task::JoinHandle<()>>,
     rr: usize,
     tun_buf: Vec<u8>,
     net_buf: Vec<u8>,
@@ -193,6 +200,27 @@ impl Daemon {
             });
         }
         let (ctl_tx, ctl_rx) = mpsc::channel(16);
+        // The watcher runs in its own task: its settle wait must not be cut short by packets.
+        let (wan_changes, wan_watcher) = match (&ends, net.wan_watcher()) {
+            (Ends::Site { .. }, Ok(mut watcher)) => {
+                let (tx, rx) = mpsc::channel(1);
+                let task = tokio::spawn(async move {
+                    while watcher.changed(WAN_SETTLE).await {
+                        // A full channel already holds a pending refresh.
+                        let _ = tx.try_send(());
+                    }
+                });
+                (Some(rx), Some(task))
+            }
+            (Ends::Site { .. }, Err(e)) => {
+                warn!(
+                    "cannot watch the WANs for changes (refreshing every {} s): {e}",
+                    LINK_REFRESH.as_secs()
+                );
+                (None, None)
+            }
+            (Ends::Hub { .. }, _) => (None, None),
+        };
         let mut daemon = Self {
             config,
             started: now,
@@ -208,6 +236,8 @@ impl Daemon {
             drops: InterfaceDrops::default(),
             next_tick: now,
             next_refresh: now + LINK_REFRESH,
+            wan_changes,
+            wan_watcher,
             rr: 0,
             tun_buf: vec![0; MAX_BUF],
             net_buf: vec![0; MAX_BUF],
@@ -240,6 +270,7 @@ impl Daemon {
                 (i, r) = poll_fn(|cx| poll_recv_any(&self.ends, cx, &mut self.net_buf, start)) => {
                     Wake::Net(i, r)
                 }
+                c = recv_or_pending(&mut self.wan_changes) => Wake::WanChanged(c),
                 _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
             };
             let now = Instant::now();
@@ -299,6 +330,17 @@ impl Daemon {
                     tokio::spawn(serve_control(stream, self.ctl_tx.clone()));
                 }
                 Wake::Accept(Err(e)) => warn!("control socket accept: {e}"),
+                Wake::WanChanged(Some(())) => {
+                    debug!("WAN configuration changed");
+                    self.next_refresh = now;
+                }
+                Wake::WanChanged(None) => {
+                    warn!(
+                        "the WAN watcher stopped; refreshing every {} s",
+                        LINK_REFRESH.as_secs()
+                    );
+                    self.wan_changes = None;
+                }
                 Wake::Timer => {}
             }
             self.run_timers(now);
@@ -558,8 +600,8 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the WAN gateways of the site's links (all of them periodically; at once for a
-    /// link that went down).
+    /// Re-reads the WAN gateways of the site's links (after a WAN change notification, when a
+    /// link went down, and every [`LINK_REFRESH`]).
     async fn refresh_links(&mut self) {
         let (Ends::Site { links }, Some(net)) = (&mut self.ends, self.net.as_mut()) else {
             return;
@@ -702,6 +744,9 @@ impl Daemon {
         if let Err(e) = run_hooks("pre_down", &self.config.interface.pre_down, &name) {
             errors.push(e);
         }
+        if let Some(task) = self.wan_watcher.take() {
+            task.abort();
+        }
         // Close the sockets first: nothing may leave once the link routing is gone.
         self.ends = Ends::Site { links: Vec::new() };
         if let Some(net) = self.net.take() {
@@ -721,6 +766,14 @@ impl Daemon {
         } else {
             Err(errors.join("; "))
         }
+    }
+}
+
+/// The next message of an optional channel; never ready without one.
+async fn recv_or_pending<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
@@ -54,14 +55,40 @@ pub fn run_foreground(config: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async move {
+        // Signals are caught from here on: a SIGTERM during start-up is seen by the loop at
+        // once and still gets a clean teardown.
+        let mut signals = Signals::new()?;
         let mut daemon = Daemon::start(config).await?;
         notify_systemd("READY=1");
         info!(interface = %daemon.config.name, "up");
-        let ran = daemon.run().await;
+        // A bug that panics in the loop must not leave routes and rules behind.
+        let ran = match std::panic::AssertUnwindSafe(daemon.run(&mut signals))
+            .catch_unwind()
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err("internal error (panic) in the event loop".to_owned()),
+        };
         notify_systemd("STOPPING=1");
         let down = daemon.shutdown().await;
         ran.and(down)
     })
+}
+
+/// SIGTERM and SIGINT streams.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, String> {
+        let sig = |kind| signal(kind).map_err(|e| format!("cannot catch signals: {e}"));
+        Ok(Self {
+            term: sig(SignalKind::terminate())?,
+            int: sig(SignalKind::interrupt())?,
+        })
+    }
 }
 
 /// One site link: its session and its socket.
@@ -252,9 +279,7 @@ impl Daemon {
     }
 
     /// The event loop; returns on `down` or a signal.
-    async fn run(&mut self) -> Result<(), String> {
-        let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    async fn run(&mut self, signals: &mut Signals) -> Result<(), String> {
         let Some(tun) = self.tun.clone() else {
             return Err("no TUN device".into());
         };
@@ -262,8 +287,8 @@ impl Daemon {
             let deadline = self.next_deadline();
             let start = self.rr;
             let wake = tokio::select! {
-                _ = sigterm.recv() => Wake::Stop("SIGTERM"),
-                _ = sigint.recv() => Wake::Stop("SIGINT"),
+                _ = signals.term.recv() => Wake::Stop("SIGTERM"),
+                _ = signals.int.recv() => Wake::Stop("SIGINT"),
                 m = self.ctl_rx.recv() => Wake::Control(m),
                 a = self.listener.accept() => Wake::Accept(a.map(|(s, _)| s)),
                 r = tun.recv(&mut self.tun_buf) => Wake::Tun(r),
@@ -1181,5 +1206,98 @@ fn link_status(id: LinkId, s: &bond::LinkStats) -> LinkStatus {
         rx_bytes: s.rx_bytes,
         queue_drops: s.queue_drops,
         ..LinkStatus::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt as _;
+
+    async fn client(stream: UnixStream, line: &str) -> (String, tokio::io::BufReader<UnixStream>) {
+        let mut reader = tokio::io::BufReader::new(stream);
+        reader.get_mut().write_all(line.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).await.unwrap();
+        (answer, reader)
+    }
+
+    #[tokio::test]
+    async fn control_show_round_trip() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let server = tokio::spawn(serve_control(b, tx));
+        let answer = tokio::spawn(client(a, "{\"cmd\":\"show\"}\n"));
+        let msg = rx.recv().await.unwrap();
+        assert_eq!(msg.request, Request::Show);
+        let status = InterfaceStatus {
+            name: "t0".into(),
+            ..InterfaceStatus::default()
+        };
+        msg.reply
+            .send(Reply {
+                ok: true,
+                error: None,
+                status: Some(status.clone()),
+            })
+            .unwrap();
+        let (line, _) = answer.await.unwrap();
+        let reply: Reply = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply.status, Some(status));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn control_rejects_bad_requests() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let server = tokio::spawn(serve_control(b, tx));
+        let (line, _) = client(a, "{\"cmd\":\"reboot\"}\n").await;
+        let reply: Reply = serde_json::from_str(&line).unwrap();
+        assert!(!reply.ok);
+        assert!(reply.error.unwrap().starts_with("bad request"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn down_holds_the_connection_until_the_daemon_is_gone() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let server = tokio::spawn(serve_control(b, tx));
+        let answer = tokio::spawn(client(a, "{\"cmd\":\"down\"}\n"));
+        let msg = rx.recv().await.unwrap();
+        assert_eq!(msg.request, Request::Down);
+        msg.reply
+            .send(Reply {
+                ok: true,
+                ..Reply::default()
+            })
+            .unwrap();
+        let (line, mut reader) = answer.await.unwrap();
+        assert!(serde_json::from_str::<Reply>(&line).unwrap().ok);
+        // Still open while the "teardown" runs...
+        let mut rest = Vec::new();
+        let pending =
+            tokio::time::timeout(Duration::from_millis(100), reader.read_to_end(&mut rest)).await;
+        assert!(
+            pending.is_err(),
+            "connection closed before the daemon exited"
+        );
+        // ...and EOF once the daemon (here: the serving task) is gone.
+        server.abort();
+        let eof = tokio::time::timeout(Duration::from_secs(2), reader.read_to_end(&mut rest)).await;
+        assert!(matches!(eof, Ok(Ok(0))));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_going_down_refuses_requests() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let server = tokio::spawn(serve_control(b, tx));
+        let (line, _) = client(a, "{\"cmd\":\"show\"}\n").await;
+        let reply: Reply = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply.error.as_deref(), Some("the daemon is going down"));
+        server.await.unwrap();
     }
 }

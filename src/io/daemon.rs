@@ -1212,7 +1212,6 @@ fn link_status(id: LinkId, s: &bond::LinkStats) -> LinkStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncBufReadExt as _;
 
     async fn client(stream: UnixStream, line: &str) -> (String, tokio::io::BufReader<UnixStream>) {
         let mut reader = tokio::io::BufReader::new(stream);

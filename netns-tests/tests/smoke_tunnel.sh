@@ -15,12 +15,12 @@
 # sha256-verified content; `show` lists both links with RTT and bytes on both ends; `down`
 # restores `ip link/addr/rule/route` exactly; a failed `up` (missing WAN) changes nothing.
 # Prints "PASS name: detail" / "FAIL name: detail" lines; exits non-zero on any failure.
-# Needs root, iproute2, python3. WGBOND=path/to/wgbond (default: target/release/wgbond).
+# Needs root, iproute2, python3. WGBOND=path/to/wgbond (default: target/release/wgbond);
+# MODE=auto|stripe|duplicate|failover, MB=50, FULL_TUNNEL=0|1.
 set -u
+# shellcheck source=../tunnel_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../tunnel_lib.sh"
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-WGBOND=${WGBOND:-$ROOT/target/release/wgbond}
 MODE=${MODE:-auto}
 MB=${MB:-50}
 # FULL_TUNNEL=1: the site routes everything (0.0.0.0/0, ::/0) into the tunnel.
@@ -32,76 +32,19 @@ else
 fi
 SITE_NS="wgbsmk$$s"
 HUB_NS="wgbsmk$$h"
-TMP=$(mktemp -d /tmp/wgbond-smoke.XXXXXX)
-export WGBOND_RUN_DIR="$TMP/run"
-FAILED=0
-BG_PIDS=()
-
-pass() { echo "PASS $1: $2"; }
-fail() {
-    echo "FAIL $1: $2"
-    FAILED=1
-}
 in_site() { ip netns exec "$SITE_NS" "$@"; }
 in_hub() { ip netns exec "$HUB_NS" "$@"; }
 
-# Daemon pids as the daemons report them (they detach, so `$!` would not be theirs).
-daemon_pid() {
-    "$WGBOND" show "$1" --json 2>/dev/null |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["pid"])' 2>/dev/null
-}
-
-cleanup() {
-    trap - EXIT INT TERM
-    local name pid
-    for name in wgbsite wgbhub; do
-        pid=$(daemon_pid "$name")
-        timeout 15 "$WGBOND" down "$name" >/dev/null 2>&1
-        if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-            kill "$pid" 2>/dev/null
-            sleep 1
-            kill -9 "$pid" 2>/dev/null
-        fi
-    done
-    for pid in "${BG_PIDS[@]}"; do
-        kill "$pid" 2>/dev/null
-    done
-    wait 2>/dev/null
-    ip netns del "$SITE_NS" 2>/dev/null
-    ip netns del "$HUB_NS" 2>/dev/null
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-if [[ $(id -u) != 0 ]]; then
-    echo "FAIL smoke_tunnel: needs root"
-    exit 1
-fi
-if [[ ! -x $WGBOND ]]; then
-    echo "FAIL smoke_tunnel: no wgbond binary at $WGBOND (cargo build --release)"
-    exit 1
-fi
+tl_require smoke_tunnel
 
 # --- topology -------------------------------------------------------------------------------
-ip netns add "$SITE_NS"
-ip netns add "$HUB_NS"
-for i in 0 1; do
-    ip link add "wan$i" netns "$SITE_NS" type veth peer name "h$i" netns "$HUB_NS"
-done
-in_site ip link set lo up
-in_site ip addr add 192.0.2.2/24 dev wan0
-in_site ip addr add 198.51.100.2/24 dev wan1
-in_site ip link set wan0 up
-in_site ip link set wan1 up
+tl_netns "$SITE_NS"
+tl_netns "$HUB_NS"
+tl_veth "$SITE_NS" wan0 192.0.2.2/24 "$HUB_NS" h0 192.0.2.1/24
+tl_veth "$SITE_NS" wan1 198.51.100.2/24 "$HUB_NS" h1 198.51.100.1/24
 in_site ip route add default via 192.0.2.1 dev wan0 metric 100
 in_site ip route add default via 198.51.100.1 dev wan1 metric 200
-in_hub ip link set lo up
 in_hub ip addr add 203.0.113.1/32 dev lo
-in_hub ip addr add 192.0.2.1/24 dev h0
-in_hub ip addr add 198.51.100.1/24 dev h1
-in_hub ip link set h0 up
-in_hub ip link set h1 up
 
 # --- keys and configs -----------------------------------------------------------------------
 umask 077
@@ -149,54 +92,37 @@ EOF
 mkdir -p "$TMP/broken"
 sed -e 's/bind_interface = "wan1"/bind_interface = "nosuch9"/' "$TMP/wgbsite.toml" >"$TMP/broken/wgbsite.toml"
 
-snapshot() {
-    ip netns exec "$1" sh -c 'ip -d link show; ip addr; ip rule; ip -6 rule;
-        ip route show table all; ip -6 route show table all' 2>&1 |
-        grep -v -e 'valid_lft' -e '^ *RX:' -e '^ *TX:'
-}
-# Let carrier and IPv6 duplicate address detection settle, so snapshots are stable.
-for ((try = 0; try < 50; try++)); do
-    unsettled=$( (snapshot "$SITE_NS"; snapshot "$HUB_NS") | grep -c -e tentative -e NO-CARRIER)
-    [[ $unsettled == 0 ]] && break
-    sleep 0.1
-done
-SITE_BEFORE=$(snapshot "$SITE_NS")
-HUB_BEFORE=$(snapshot "$HUB_NS")
+tl_settle "$SITE_NS" "$HUB_NS"
+SITE_BEFORE=$(tl_snapshot "$SITE_NS")
+HUB_BEFORE=$(tl_snapshot "$HUB_NS")
 
 # --- a failed up changes nothing --------------------------------------------------------------
-if out=$(in_site timeout 40 "$WGBOND" up "$TMP/broken/wgbsite.toml" 2>&1); then
-    fail failed_up "up with a missing WAN succeeded: $out"
+if tl_up "$SITE_NS" "$TMP/broken/wgbsite.toml" wgbsite; then
+    fail failed_up "up with a missing WAN succeeded: $TL_OUT"
 else
-    if [[ $(snapshot "$SITE_NS") == "$SITE_BEFORE" ]]; then
-        pass failed_up "refused ($out); ip state unchanged"
+    if [[ $(tl_snapshot "$SITE_NS") == "$SITE_BEFORE" ]]; then
+        pass failed_up "refused ($TL_OUT); ip state unchanged"
     else
-        fail failed_up "ip state changed after a failed up: $(diff <(echo "$SITE_BEFORE") <(snapshot "$SITE_NS") | head -20)"
+        fail failed_up "ip state changed after a failed up: $(diff <(echo "$SITE_BEFORE") <(tl_snapshot "$SITE_NS") | head -20)"
     fi
 fi
 
 # --- up ----------------------------------------------------------------------------------------
-if out=$(in_hub timeout 40 "$WGBOND" up "$TMP/wgbhub.toml" 2>&1); then
+if tl_up "$HUB_NS" "$TMP/wgbhub.toml" wgbhub; then
     pass hub_up "up returned 0"
 else
-    fail hub_up "$out"
+    fail hub_up "$TL_OUT"
     exit 1
 fi
-if out=$(in_site timeout 40 "$WGBOND" up "$TMP/wgbsite.toml" 2>&1); then
+if tl_up "$SITE_NS" "$TMP/wgbsite.toml" wgbsite; then
     pass site_up "up returned 0"
 else
-    fail site_up "$out; log: $(tail -5 "$WGBOND_RUN_DIR/wgbsite.log" 2>/dev/null)"
+    fail site_up "$TL_OUT; log: $(tail -5 "$WGBOND_RUN_DIR/wgbsite.log" 2>/dev/null)"
     exit 1
 fi
 
 # --- ping --------------------------------------------------------------------------------------
-ok=0
-for ((try = 0; try < 20; try++)); do
-    if in_site ping -n -q -c 1 -W 1 10.99.0.1 >/dev/null 2>&1; then
-        ok=1
-        break
-    fi
-done
-if ((ok)); then
+if tl_ping_until "$SITE_NS" 10.99.0.1; then
     out=$(in_site ping -n -q -c 20 -i 0.05 -W 2 10.99.0.1 2>&1)
     loss=$(sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p' <<<"$out")
     rtt=$(sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p' <<<"$out")
@@ -395,7 +321,7 @@ in_site "$WGBOND" show wgbsite | sed 's/^/    /'
 
 # --- down restores everything ------------------------------------------------------------------
 if out=$(in_site timeout 40 "$WGBOND" down wgbsite 2>&1); then
-    after=$(snapshot "$SITE_NS")
+    after=$(tl_snapshot "$SITE_NS")
     if [[ $after == "$SITE_BEFORE" ]]; then
         pass site_down "ip state restored exactly"
     else
@@ -405,7 +331,7 @@ else
     fail site_down "$out"
 fi
 if out=$(in_hub timeout 40 "$WGBOND" down wgbhub 2>&1); then
-    after=$(snapshot "$HUB_NS")
+    after=$(tl_snapshot "$HUB_NS")
     if [[ $after == "$HUB_BEFORE" ]]; then
         pass hub_down "ip state restored exactly"
     else

@@ -97,6 +97,9 @@ pub struct InterfaceDrops {
     pub tun_write: u64,
     /// Datagrams the UDP socket would not send (buffer full, network unreachable).
     pub udp_send: u64,
+    /// Site: packets for a link whose WireGuard session is not (yet) established.
+    #[serde(default)]
+    pub no_session_tx: u64,
     /// Received datagrams that were not WireGuard messages.
     pub malformed: u64,
     /// Received datagrams that failed authentication.
@@ -326,6 +329,7 @@ pub fn format_status(s: &InterfaceStatus) -> String {
         ("no route", d.tx_no_route),
         ("tun full", d.tun_write),
         ("udp send", d.udp_send),
+        ("link without session", d.no_session_tx),
         ("malformed", d.malformed),
         ("unauthenticated", d.unauthenticated),
         ("replayed", d.replayed),

@@ -553,6 +553,16 @@ impl Daemon {
                 let Some(l) = links.get_mut(usize::from(link.0)) else {
                     return;
                 };
+                if !l.tunnel.is_established() {
+                    // No session: start one, drop the packet. Queued inside boringtun it would
+                    // leave seconds late and spoil the link's RTT samples; the bond sees the
+                    // loss, and repeats its hello once the handshake completes.
+                    if let Some(d) = l.tunnel.start_handshake(&mut self.out_buf) {
+                        send_udp(&l.socket, d, l.endpoint, drops);
+                    }
+                    drops.no_session_tx += 1;
+                    return;
+                }
                 match l.tunnel.encapsulate(&self.plain, &mut self.out_buf) {
                     Ok(Some(d)) => send_udp(&l.socket, d, l.endpoint, drops),
                     Ok(None) => {}
@@ -637,6 +647,10 @@ impl Daemon {
                 Ok(now) => {
                     if before.as_ref() != Some(&now) {
                         info!(link = %l.name, v4 = ?now.v4, v6 = ?now.v6, "link routing updated");
+                        // The path may be back: handshake now rather than after the retry timer.
+                        if let Some(d) = l.tunnel.retry_handshake(&mut self.out_buf) {
+                            send_udp(&l.socket, d, l.endpoint, &mut self.drops);
+                        }
                     }
                 }
                 Err(e) => {

@@ -151,9 +151,11 @@ pub fn show(name: Option<&str>, json: bool) -> Result<(), String> {
 /// Logs to stderr: journald adds its own timestamps, so they are left out under systemd.
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
+    // netlink-packet-route warns on every dump about kernel attributes newer than itself;
+    // boringtun warns every 5 s about each dead link (the link state already says it).
     let level = match verbose {
-        0 => "info",
-        1 => "debug",
+        0 => "info,netlink_packet_route=error,boringtun=error",
+        1 => "debug,netlink_packet_route=error",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));

@@ -311,6 +311,37 @@ impl LinkTunnel {
         }
     }
 
+    /// A handshake initiation if there is no session and no handshake in flight; `None`
+    /// otherwise. Lets a caller drop plaintexts while a link has no session instead of
+    /// queueing them in boringtun, where they would leave late, all at once.
+    pub fn start_handshake<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        if self.is_established() || out.len() < MIN_BUF {
+            return None;
+        }
+        match self.tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(d) => {
+                self.counters.tx_datagrams += 1;
+                Some(d)
+            }
+            _ => None,
+        }
+    }
+
+    /// A fresh handshake initiation if no session exists, for a link whose path just came
+    /// back (WAN up, route restored): boringtun would otherwise wait out its 5 s retry timer.
+    pub fn retry_handshake<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        if self.is_established() || out.len() < MIN_BUF {
+            return None;
+        }
+        match self.tunn.format_handshake_initiation(out, true) {
+            TunnResult::WriteToNetwork(d) => {
+                self.counters.tx_datagrams += 1;
+                Some(d)
+            }
+            _ => None,
+        }
+    }
+
     /// Handles one received datagram. Replies (handshake responses, keepalives, queued
     /// packets flushed after a handshake, cookie replies) are passed to `send` in order; they
     /// are written in `out` too, so `out` holds the plaintext only if the result is
@@ -663,6 +694,35 @@ pub(crate) mod tests {
             a.decapsulate(None, &[4u8; 300], &mut out, &mut |_| {}),
             Err(Reject::BufferTooSmall)
         );
+    }
+
+    #[test]
+    fn retry_handshake_only_without_a_session() {
+        let (mut a, mut b) = pair();
+        let mut out = vec![0u8; MAX_BUF];
+        // The first initiation is "lost"; the retry completes the handshake at once.
+        let _lost = a.encapsulate(&data_plaintext(60, 1), &mut out).unwrap();
+        let init = a.retry_handshake(&mut out).unwrap().to_vec();
+        assert_eq!(init[0], msg_type::HANDSHAKE_INIT);
+        let (resp, _) = deliver(&mut b, vec![init]);
+        let (to_b, _) = deliver(&mut a, resp);
+        assert!(a.is_established());
+        // Keepalive and the queued plaintext.
+        assert_eq!(deliver(&mut b, to_b).1, vec![data_plaintext(60, 1)]);
+        assert!(a.retry_handshake(&mut out).is_none());
+    }
+
+    #[test]
+    fn start_handshake_once_until_established() {
+        let (mut a, mut b) = pair();
+        let mut out = vec![0u8; MAX_BUF];
+        let init = a.start_handshake(&mut out).unwrap().to_vec();
+        assert!(a.start_handshake(&mut out).is_none(), "one in flight");
+        let (resp, _) = deliver(&mut b, vec![init]);
+        let (to_b, _) = deliver(&mut a, resp);
+        assert_eq!(to_b.len(), 1, "only the keepalive: nothing was queued");
+        assert!(a.is_established());
+        assert!(a.start_handshake(&mut out).is_none());
     }
 
     #[test]

@@ -232,6 +232,8 @@ struct Link {
     rx: RxLinkMeter,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
+    /// Latency-critical packets: sent before the bulk queue.
+    urgent: VecDeque<Queued>,
     control: VecDeque<Vec<u8>>,
     next_send: Instant,
     link_seq: u32,
@@ -257,6 +259,14 @@ impl Link {
         let modem = self.est.modem_queue(now) + drain;
         paced.max(modem)
     }
+
+    /// The same for a latency-critical packet, which overtakes our bulk queue but not the
+    /// modem's.
+    fn urgent_delay(&self, now: Instant) -> Duration {
+        self.next_send
+            .saturating_duration_since(now)
+            .max(self.est.modem_queue(now))
+    }
 }
 
 /// One end of a bonded connection to one peer. See the module documentation.
@@ -278,6 +288,10 @@ pub struct Bond {
     /// (the timeout was too short), decaying when they stop.
     reorder_extra: Duration,
     late_seen: u64,
+    /// Sequence space of latency-critical packets (delivered unordered).
+    next_useq: u64,
+    unordered_seen: reorder::SeenWindow,
+    unordered_dups: u64,
 }
 
 impl Bond {
@@ -304,6 +318,9 @@ impl Bond {
             cands: Vec::new(),
             reorder_extra: Duration::ZERO,
             late_seen: 0,
+            next_useq: 0,
+            unordered_seen: reorder::SeenWindow::new(4096),
+            unordered_dups: 0,
         }
     }
 
@@ -336,6 +353,7 @@ impl Bond {
             rx: RxLinkMeter::default(),
             queue: VecDeque::new(),
             queued_bytes: 0,
+            urgent: VecDeque::new(),
             control: VecDeque::new(),
             next_send: now,
             link_seq: 0,
@@ -385,7 +403,7 @@ impl Bond {
     }
 
     /// Builds the scheduler's view of every link.
-    fn fill_candidates(&mut self, now: Instant) {
+    fn fill_candidates(&mut self, now: Instant, urgent: bool) {
         self.cands.clear();
         // Expected one-way delay: the link's base delay relative to the fastest link, from the
         // peer's measurements when every link has them (clock offsets cancel in differences),
@@ -408,7 +426,11 @@ impl Bond {
                 index,
                 state: l.est.state(),
                 priority: l.config.priority,
-                queue_delay: l.queue_delay(now),
+                queue_delay: if urgent {
+                    l.urgent_delay(now)
+                } else {
+                    l.queue_delay(now)
+                },
                 owd,
                 loss: l.est.loss(),
             });
@@ -422,18 +444,58 @@ impl Bond {
             return;
         }
         self.stats.sent_packets += 1;
+        if self.config.mode == Mode::Auto && scheduler::is_critical(packet) {
+            if self.enqueue_urgent(packet, now) {
+                self.next_useq += 1;
+            }
+            return;
+        }
         // A packet dropped here takes no sequence number, so the receiver sees no gap.
         if self.enqueue(self.next_seq, packet, None, now) {
             self.next_seq += 1;
         }
     }
 
+    /// Queues a latency-critical packet on the two links where it arrives first, ahead of
+    /// bulk traffic and outside the ordered stream (the receiver delivers it at once).
+    fn enqueue_urgent(&mut self, packet: &[u8], now: Instant) -> bool {
+        self.fill_candidates(now, true);
+        let targets = scheduler::choose(Mode::Auto, &self.cands, true);
+        let mut flags = wire::FLAG_UNORDERED;
+        if targets.is_duplicate() {
+            flags |= wire::FLAG_DUPLICATE;
+        }
+        let mut sent = false;
+        for &i in targets.as_slice() {
+            if self.cands[i].queue_delay > self.config.max_queue_delay {
+                self.links[i].stats.queue_drops += 1;
+                continue;
+            }
+            let mut data = self.take_buf();
+            data.clear();
+            data.extend_from_slice(packet);
+            let link = &mut self.links[i];
+            if targets.is_duplicate() {
+                link.stats.tx_duplicates += 1;
+            }
+            link.urgent.push_back(Queued {
+                seq: self.next_useq,
+                flags,
+                data,
+            });
+            sent = true;
+        }
+        if !sent {
+            self.stats.send_drops += 1;
+        }
+        sent
+    }
+
     /// Schedules one packet; `data` is a buffer holding it already (rescheduling). False if
     /// no link took it.
     fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) -> bool {
-        self.fill_candidates(now);
-        let critical = self.config.mode == Mode::Auto && scheduler::is_critical(packet);
-        let targets = scheduler::choose(self.config.mode, &self.cands, critical);
+        self.fill_candidates(now, false);
+        let targets = scheduler::choose(self.config.mode, &self.cands, false);
         let flags = if targets.is_duplicate() {
             wire::FLAG_DUPLICATE
         } else {
@@ -537,6 +599,14 @@ impl Bond {
                     .rx
                     .on_data(trailer.link_seq, plaintext.len(), owd, now);
                 self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
+                if trailer.flags & wire::FLAG_UNORDERED != 0 {
+                    if self.unordered_seen.first_time(trailer.seq) {
+                        self.reorder.deliver_now(packet);
+                    } else {
+                        self.unordered_dups += 1;
+                    }
+                    return Ok(());
+                }
                 self.reorder.insert(trailer.seq, packet, now);
                 let late = self.reorder.stats().late;
                 if late > self.late_seen {
@@ -598,6 +668,7 @@ impl Bond {
                 if self.peer_bond_id.is_some_and(|b| b != h.bond_id) {
                     // The peer restarted: its numbering starts again.
                     self.reorder.reset();
+                    self.unordered_seen.reset();
                     for l in &mut self.links {
                         l.rx.reset();
                     }
@@ -760,10 +831,16 @@ impl Bond {
             if l.next_send > now {
                 continue;
             }
-            let Some(q) = l.queue.pop_front() else {
-                continue;
+            let q = match l.urgent.pop_front() {
+                Some(q) => q,
+                None => {
+                    let Some(q) = l.queue.pop_front() else {
+                        continue;
+                    };
+                    l.queued_bytes -= q.data.len();
+                    q
+                }
             };
-            l.queued_bytes -= q.data.len();
             if l.queue.is_empty() {
                 l.app_limited = true;
             }
@@ -820,7 +897,7 @@ impl Bond {
             if self.config.sends_hello {
                 min(l.next_hello);
             }
-            if !l.queue.is_empty() || !l.control.is_empty() {
+            if !l.queue.is_empty() || !l.urgent.is_empty() || !l.control.is_empty() {
                 min(if l.control.is_empty() {
                     l.next_send
                 } else {
@@ -835,7 +912,7 @@ impl Bond {
     pub fn stats(&self) -> BondStats {
         let r = self.reorder.stats();
         BondStats {
-            rx_duplicates: r.duplicates + r.too_old,
+            rx_duplicates: r.duplicates + r.too_old + self.unordered_dups,
             reorder_skips: r.skipped,
             reorder_late: r.late,
             reorder_waits: r.waited,

@@ -321,8 +321,69 @@ impl ReorderBuffer {
     }
 }
 
+/// Remembers which sequence numbers of a stream without ordering were seen, to drop second
+/// copies; anything older than the window is dropped as a probable duplicate.
+pub struct SeenWindow {
+    tags: Vec<u64>,
+    mask: u64,
+    highest: Option<u64>,
+}
+
+impl SeenWindow {
+    /// A window of `size` (rounded up to a power of two) sequence numbers.
+    pub fn new(size: usize) -> Self {
+        let size = size.clamp(16, 1 << 20).next_power_of_two();
+        Self {
+            tags: vec![0; size],
+            mask: size as u64 - 1,
+            highest: None,
+        }
+    }
+
+    /// True the first time `seq` is seen.
+    pub fn first_time(&mut self, seq: u64) -> bool {
+        let highest = self.highest.get_or_insert(seq);
+        if seq > *highest {
+            *highest = seq;
+        } else if *highest - seq > self.mask {
+            return false;
+        }
+        let tag = &mut self.tags[(seq & self.mask) as usize];
+        if *tag == seq.wrapping_add(1) {
+            return false;
+        }
+        *tag = seq.wrapping_add(1);
+        true
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self) {
+        self.tags.iter_mut().for_each(|t| *t = 0);
+        self.highest = None;
+    }
+}
+
+impl ReorderBuffer {
+    /// Delivers a packet at once, outside the ordered stream.
+    pub fn deliver_now(&mut self, packet: &[u8]) {
+        let buf = self.copy(packet);
+        self.push_ready(buf);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn seen_window_drops_second_copies_and_old() {
+        let mut w = super::SeenWindow::new(16);
+        assert!(w.first_time(100));
+        assert!(!w.first_time(100));
+        assert!(w.first_time(98));
+        assert!(w.first_time(120));
+        assert!(!w.first_time(98), "too old to tell: dropped");
+        assert!(w.first_time(119));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

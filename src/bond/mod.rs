@@ -857,7 +857,10 @@ impl Bond {
             let wire_bits = (buf.len() + TUNNEL_OVERHEAD) as u64 * 8;
             let tx =
                 Duration::from_nanos(wire_bits * 1_000_000_000 / l.est.pacing_rate_bps().max(1));
-            l.next_send = l.next_send.max(now - PACING_BURST.min(now - self.epoch)) + tx;
+            l.next_send = l
+                .next_send
+                .max(now - PACING_BURST.min(now.saturating_duration_since(self.epoch)))
+                + tx;
             l.stats.tx_packets += 1;
             l.stats.tx_bytes += buf.len() as u64;
             let id = l.id;
@@ -942,5 +945,78 @@ impl Bond {
                 (l.id, s)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hub_with_link() -> (Bond, Instant) {
+        let now = Instant::now();
+        let mut b = Bond::new(BondConfig::default(), now);
+        b.add_link(LinkId(0), LinkConfig::default(), now);
+        (b, now)
+    }
+
+    #[test]
+    fn malformed_plaintext_is_counted_not_fatal() {
+        let (mut b, now) = hub_with_link();
+        assert_eq!(
+            b.handle_inbound(LinkId(0), &[0x45, 0, 0], now),
+            Err(wire::DecodeError::Truncated)
+        );
+        assert_eq!(b.stats().malformed, 1);
+        // Unknown link: dropped and counted.
+        let mut buf = Vec::new();
+        wire::encode_control(
+            &Control::Probe(wire::Probe {
+                link_id: 9,
+                probe_seq: 1,
+                send_time_us: 0,
+            }),
+            &mut buf,
+        );
+        assert_eq!(b.handle_inbound(LinkId(9), &buf, now), Ok(()));
+        assert_eq!(b.stats().malformed, 2);
+    }
+
+    proptest! {
+        /// Whatever an authenticated peer sends (random bytes, or well-formed messages with
+        /// random fields), the bond neither panics nor grows without bound.
+        #[test]
+        fn any_peer_input_is_survived(
+            msgs in proptest::collection::vec(
+                (any::<u8>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u8>(),
+                 proptest::collection::vec(any::<u8>(), 0..80)), 1..200),
+        ) {
+            let (mut b, t0) = hub_with_link();
+            let mut buf = Vec::new();
+            let mut out = Vec::new();
+            for (i, (kind, a, c, d, e, raw)) in msgs.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64);
+                match kind % 6 {
+                    0 => { let _ = b.handle_inbound(LinkId(e % 2), &raw, now); continue; }
+                    1 => {
+                        let mut p = vec![0u8; 40];
+                        p[0] = 0x45;
+                        p[3] = 40;
+                        wire::encode_data(&p, &wire::Trailer { seq: a, link_seq: c, send_time_us: d, link_id: e, flags: e & 3 }, &mut buf);
+                    }
+                    2 => wire::encode_control(&Control::Feedback(wire::Feedback { recv_time_us: c, entries: vec![wire::FeedbackEntry {
+                        link_id: e % 2, highest_link_seq: c, packets: d, bytes: a, owd_us: d as i32, jitter_us: c, min_owd_us: c as i32 }] }), &mut buf),
+                    3 => wire::encode_control(&Control::ProbeReply(wire::ProbeReply { link_id: e, probe_seq: c, echo_time_us: d, hold_us: c }), &mut buf),
+                    4 => wire::encode_control(&Control::Hello(wire::Hello { link_id: e, bond_id: a % 3, name: "x".into() }), &mut buf),
+                    _ => wire::encode_control(&Control::Probe(wire::Probe { link_id: e, probe_seq: c, send_time_us: d }), &mut buf),
+                }
+                let _ = b.handle_inbound(LinkId(0), &buf, now);
+                b.handle_timeout(now);
+                while b.poll_transmit(now, &mut out).is_some() {}
+                while b.poll_deliver(&mut out) {}
+                while b.poll_event().is_some() {}
+            }
+            prop_assert!(b.reorder.held().1 <= BondConfig::default().reorder_max_bytes + 2048);
+        }
     }
 }

@@ -173,6 +173,9 @@ impl LinkEstimator {
         let gain = match self.phase {
             Phase::Startup => STARTUP_GAIN,
             Phase::Drain => 0.75,
+            // Cruising while the RTT still shows a queue: the estimate is a little high (or
+            // the link slowed); drain at a tenth of the rate instead of keeping it standing.
+            Phase::Cycle(i) if CYCLE_GAINS[i] == 1.0 && self.standing_queue() => 0.9,
             Phase::Cycle(i) => CYCLE_GAINS[i],
         };
         let rate = (self.est_rate_bps as f64 * gain) as u64;
@@ -375,6 +378,12 @@ impl LinkEstimator {
 
     fn sample_interval(&self) -> Duration {
         self.round().max(Duration::from_millis(40))
+    }
+
+    /// The latest RTT shows more queue than jitter explains.
+    fn standing_queue(&self) -> bool {
+        self.min_rtt()
+            .is_some_and(|m| self.latest_rtt > m + (2 * self.rttvar).max(Duration::from_millis(5)))
     }
 
     /// The bottleneck queue, as the latest RTT shows it, is (nearly) empty.

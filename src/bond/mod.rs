@@ -232,6 +232,8 @@ struct Link {
     rx: RxLinkMeter,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
+    /// Latency-critical packets: sent before the bulk queue.
+    urgent: VecDeque<Queued>,
     control: VecDeque<Vec<u8>>,
     next_send: Instant,
     link_seq: u32,
@@ -257,6 +259,14 @@ impl Link {
         let modem = self.est.modem_queue(now) + drain;
         paced.max(modem)
     }
+
+    /// The same for a latency-critical packet, which overtakes our bulk queue but not the
+    /// modem's.
+    fn urgent_delay(&self, now: Instant) -> Duration {
+        self.next_send
+            .saturating_duration_since(now)
+            .max(self.est.modem_queue(now))
+    }
 }
 
 /// One end of a bonded connection to one peer. See the module documentation.
@@ -278,6 +288,10 @@ pub struct Bond {
     /// (the timeout was too short), decaying when they stop.
     reorder_extra: Duration,
     late_seen: u64,
+    /// Sequence space of latency-critical packets (delivered unordered).
+    next_useq: u64,
+    unordered_seen: reorder::SeenWindow,
+    unordered_dups: u64,
 }
 
 impl Bond {
@@ -304,6 +318,9 @@ impl Bond {
             cands: Vec::new(),
             reorder_extra: Duration::ZERO,
             late_seen: 0,
+            next_useq: 0,
+            unordered_seen: reorder::SeenWindow::new(4096),
+            unordered_dups: 0,
         }
     }
 
@@ -336,6 +353,7 @@ impl Bond {
             rx: RxLinkMeter::default(),
             queue: VecDeque::new(),
             queued_bytes: 0,
+            urgent: VecDeque::new(),
             control: VecDeque::new(),
             next_send: now,
             link_seq: 0,
@@ -385,7 +403,7 @@ impl Bond {
     }
 
     /// Builds the scheduler's view of every link.
-    fn fill_candidates(&mut self, now: Instant) {
+    fn fill_candidates(&mut self, now: Instant, urgent: bool) {
         self.cands.clear();
         // Expected one-way delay: the link's base delay relative to the fastest link, from the
         // peer's measurements when every link has them (clock offsets cancel in differences),
@@ -408,7 +426,11 @@ impl Bond {
                 index,
                 state: l.est.state(),
                 priority: l.config.priority,
-                queue_delay: l.queue_delay(now),
+                queue_delay: if urgent {
+                    l.urgent_delay(now)
+                } else {
+                    l.queue_delay(now)
+                },
                 owd,
                 loss: l.est.loss(),
             });
@@ -422,18 +444,58 @@ impl Bond {
             return;
         }
         self.stats.sent_packets += 1;
+        if self.config.mode == Mode::Auto && scheduler::is_critical(packet) {
+            if self.enqueue_urgent(packet, now) {
+                self.next_useq += 1;
+            }
+            return;
+        }
         // A packet dropped here takes no sequence number, so the receiver sees no gap.
         if self.enqueue(self.next_seq, packet, None, now) {
             self.next_seq += 1;
         }
     }
 
+    /// Queues a latency-critical packet on the two links where it arrives first, ahead of
+    /// bulk traffic and outside the ordered stream (the receiver delivers it at once).
+    fn enqueue_urgent(&mut self, packet: &[u8], now: Instant) -> bool {
+        self.fill_candidates(now, true);
+        let targets = scheduler::choose(Mode::Auto, &self.cands, true);
+        let mut flags = wire::FLAG_UNORDERED;
+        if targets.is_duplicate() {
+            flags |= wire::FLAG_DUPLICATE;
+        }
+        let mut sent = false;
+        for &i in targets.as_slice() {
+            if self.cands[i].queue_delay > self.config.max_queue_delay {
+                self.links[i].stats.queue_drops += 1;
+                continue;
+            }
+            let mut data = self.take_buf();
+            data.clear();
+            data.extend_from_slice(packet);
+            let link = &mut self.links[i];
+            if targets.is_duplicate() {
+                link.stats.tx_duplicates += 1;
+            }
+            link.urgent.push_back(Queued {
+                seq: self.next_useq,
+                flags,
+                data,
+            });
+            sent = true;
+        }
+        if !sent {
+            self.stats.send_drops += 1;
+        }
+        sent
+    }
+
     /// Schedules one packet; `data` is a buffer holding it already (rescheduling). False if
     /// no link took it.
     fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) -> bool {
-        self.fill_candidates(now);
-        let critical = self.config.mode == Mode::Auto && scheduler::is_critical(packet);
-        let targets = scheduler::choose(self.config.mode, &self.cands, critical);
+        self.fill_candidates(now, false);
+        let targets = scheduler::choose(self.config.mode, &self.cands, false);
         let flags = if targets.is_duplicate() {
             wire::FLAG_DUPLICATE
         } else {
@@ -537,6 +599,14 @@ impl Bond {
                     .rx
                     .on_data(trailer.link_seq, plaintext.len(), owd, now);
                 self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
+                if trailer.flags & wire::FLAG_UNORDERED != 0 {
+                    if self.unordered_seen.first_time(trailer.seq) {
+                        self.reorder.deliver_now(packet);
+                    } else {
+                        self.unordered_dups += 1;
+                    }
+                    return Ok(());
+                }
                 self.reorder.insert(trailer.seq, packet, now);
                 let late = self.reorder.stats().late;
                 if late > self.late_seen {
@@ -598,6 +668,7 @@ impl Bond {
                 if self.peer_bond_id.is_some_and(|b| b != h.bond_id) {
                     // The peer restarted: its numbering starts again.
                     self.reorder.reset();
+                    self.unordered_seen.reset();
                     for l in &mut self.links {
                         l.rx.reset();
                     }
@@ -760,10 +831,16 @@ impl Bond {
             if l.next_send > now {
                 continue;
             }
-            let Some(q) = l.queue.pop_front() else {
-                continue;
+            let q = match l.urgent.pop_front() {
+                Some(q) => q,
+                None => {
+                    let Some(q) = l.queue.pop_front() else {
+                        continue;
+                    };
+                    l.queued_bytes -= q.data.len();
+                    q
+                }
             };
-            l.queued_bytes -= q.data.len();
             if l.queue.is_empty() {
                 l.app_limited = true;
             }
@@ -780,7 +857,10 @@ impl Bond {
             let wire_bits = (buf.len() + TUNNEL_OVERHEAD) as u64 * 8;
             let tx =
                 Duration::from_nanos(wire_bits * 1_000_000_000 / l.est.pacing_rate_bps().max(1));
-            l.next_send = l.next_send.max(now - PACING_BURST.min(now - self.epoch)) + tx;
+            l.next_send = l
+                .next_send
+                .max(now - PACING_BURST.min(now.saturating_duration_since(self.epoch)))
+                + tx;
             l.stats.tx_packets += 1;
             l.stats.tx_bytes += buf.len() as u64;
             let id = l.id;
@@ -820,7 +900,7 @@ impl Bond {
             if self.config.sends_hello {
                 min(l.next_hello);
             }
-            if !l.queue.is_empty() || !l.control.is_empty() {
+            if !l.queue.is_empty() || !l.urgent.is_empty() || !l.control.is_empty() {
                 min(if l.control.is_empty() {
                     l.next_send
                 } else {
@@ -835,7 +915,7 @@ impl Bond {
     pub fn stats(&self) -> BondStats {
         let r = self.reorder.stats();
         BondStats {
-            rx_duplicates: r.duplicates + r.too_old,
+            rx_duplicates: r.duplicates + r.too_old + self.unordered_dups,
             reorder_skips: r.skipped,
             reorder_late: r.late,
             reorder_waits: r.waited,
@@ -865,5 +945,78 @@ impl Bond {
                 (l.id, s)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hub_with_link() -> (Bond, Instant) {
+        let now = Instant::now();
+        let mut b = Bond::new(BondConfig::default(), now);
+        b.add_link(LinkId(0), LinkConfig::default(), now);
+        (b, now)
+    }
+
+    #[test]
+    fn malformed_plaintext_is_counted_not_fatal() {
+        let (mut b, now) = hub_with_link();
+        assert_eq!(
+            b.handle_inbound(LinkId(0), &[0x45, 0, 0], now),
+            Err(wire::DecodeError::Truncated)
+        );
+        assert_eq!(b.stats().malformed, 1);
+        // Unknown link: dropped and counted.
+        let mut buf = Vec::new();
+        wire::encode_control(
+            &Control::Probe(wire::Probe {
+                link_id: 9,
+                probe_seq: 1,
+                send_time_us: 0,
+            }),
+            &mut buf,
+        );
+        assert_eq!(b.handle_inbound(LinkId(9), &buf, now), Ok(()));
+        assert_eq!(b.stats().malformed, 2);
+    }
+
+    proptest! {
+        /// Whatever an authenticated peer sends (random bytes, or well-formed messages with
+        /// random fields), the bond neither panics nor grows without bound.
+        #[test]
+        fn any_peer_input_is_survived(
+            msgs in proptest::collection::vec(
+                (any::<u8>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u8>(),
+                 proptest::collection::vec(any::<u8>(), 0..80)), 1..200),
+        ) {
+            let (mut b, t0) = hub_with_link();
+            let mut buf = Vec::new();
+            let mut out = Vec::new();
+            for (i, (kind, a, c, d, e, raw)) in msgs.into_iter().enumerate() {
+                let now = t0 + Duration::from_millis(i as u64);
+                match kind % 6 {
+                    0 => { let _ = b.handle_inbound(LinkId(e % 2), &raw, now); continue; }
+                    1 => {
+                        let mut p = vec![0u8; 40];
+                        p[0] = 0x45;
+                        p[3] = 40;
+                        wire::encode_data(&p, &wire::Trailer { seq: a, link_seq: c, send_time_us: d, link_id: e, flags: e & 3 }, &mut buf);
+                    }
+                    2 => wire::encode_control(&Control::Feedback(wire::Feedback { recv_time_us: c, entries: vec![wire::FeedbackEntry {
+                        link_id: e % 2, highest_link_seq: c, packets: d, bytes: a, owd_us: d as i32, jitter_us: c, min_owd_us: c as i32 }] }), &mut buf),
+                    3 => wire::encode_control(&Control::ProbeReply(wire::ProbeReply { link_id: e, probe_seq: c, echo_time_us: d, hold_us: c }), &mut buf),
+                    4 => wire::encode_control(&Control::Hello(wire::Hello { link_id: e, bond_id: a % 3, name: "x".into() }), &mut buf),
+                    _ => wire::encode_control(&Control::Probe(wire::Probe { link_id: e, probe_seq: c, send_time_us: d }), &mut buf),
+                }
+                let _ = b.handle_inbound(LinkId(0), &buf, now);
+                b.handle_timeout(now);
+                while b.poll_transmit(now, &mut out).is_some() {}
+                while b.poll_deliver(&mut out) {}
+                while b.poll_event().is_some() {}
+            }
+            prop_assert!(b.reorder.held().1 <= BondConfig::default().reorder_max_bytes + 2048);
+        }
     }
 }

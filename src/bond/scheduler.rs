@@ -36,6 +36,8 @@ impl Candidate {
 
 /// Loss rate above which `auto` also sends a copy on another link.
 pub const LOSSY: f64 = 0.03;
+/// A link whose queue is this short has room for copies.
+pub const SPARE: Duration = Duration::from_millis(2);
 
 /// The scheduling decision: up to [`MAX_TARGETS`] link indexes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,8 +119,10 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
                 return t;
             };
             t.push(first.index);
-            if critical || first.loss > LOSSY {
-                if let Some(second) = earliest(cands.iter().filter(eligible), Some(first.index)) {
+            if let Some(second) = earliest(cands.iter().filter(eligible), Some(first.index)) {
+                // A copy for what matters, and for what crosses a lossy link when another
+                // link has room: duplication must not eat the capacity bulk traffic needs.
+                if critical || (first.loss > LOSSY && second.queue_delay <= SPARE) {
                     t.push(second.index);
                 }
             }

@@ -34,6 +34,8 @@ pub struct LinkSpec {
     pub queue: Duration,
     /// Outages as (start, end) offsets from the start of the simulation.
     pub outages: Vec<(Duration, Duration)>,
+    /// Rate changes as (offset from the start, new rate in bits per second).
+    pub rate_changes: Vec<(Duration, u64)>,
 }
 
 impl LinkSpec {
@@ -47,7 +49,15 @@ impl LinkSpec {
             burst: None,
             queue: Duration::from_millis(50),
             outages: Vec::new(),
+            rate_changes: Vec::new(),
         }
+    }
+
+    /// The rate becomes `rate_mbit` at `at_s` seconds after the start.
+    pub fn rate_change(mut self, at_s: f64, rate_mbit: f64) -> Self {
+        self.rate_changes
+            .push((Duration::from_secs_f64(at_s), (rate_mbit * 1e6) as u64));
+        self
     }
 
     /// Random loss in percent.
@@ -150,7 +160,16 @@ impl Pipe {
             return None;
         }
         let start = self.busy_until.max(now);
-        if let Some(rate) = self.spec.rate_bps {
+        let off = now.saturating_duration_since(t0);
+        let rate = self
+            .spec
+            .rate_changes
+            .iter()
+            .filter(|(at, _)| *at <= off)
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, r)| *r)
+            .or(self.spec.rate_bps);
+        if let Some(rate) = rate {
             if start.saturating_duration_since(now) > self.spec.queue {
                 self.stats.queue_drops += 1;
                 return None;
@@ -217,10 +236,10 @@ pub struct Sim {
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
     flights: HashMap<u64, Flight>,
     flight_seq: u64,
-    source: Option<(u64, usize)>,
-    next_emit: Option<Instant>,
+    sources: Vec<Source>,
     next_id: u64,
-    created: Vec<Instant>,
+    /// Creation time and source index of every packet.
+    created: Vec<(Instant, usize)>,
     first_arrival: HashMap<u64, Instant>,
     /// Every inner packet delivered at the hub, in delivery order.
     pub deliveries: Vec<Delivery>,
@@ -273,8 +292,7 @@ impl Sim {
             heap: BinaryHeap::new(),
             flights: HashMap::new(),
             flight_seq: 0,
-            source: None,
-            next_emit: None,
+            sources: Vec::new(),
             next_id: 0,
             created: Vec::new(),
             first_arrival: HashMap::new(),
@@ -284,16 +302,39 @@ impl Sim {
         }
     }
 
-    /// Starts a constant-rate source of `len`-byte packets at `rate_mbit` from the site.
-    pub fn start_source(&mut self, rate_mbit: f64, len: usize) {
-        self.source = Some(((rate_mbit * 1e6) as u64, len.max(ID_AT + 8)));
-        self.next_emit = Some(self.now);
+    /// Starts a constant-rate source of `len`-byte bulk UDP packets at `rate_mbit` from the
+    /// site; returns its index.
+    pub fn start_source(&mut self, rate_mbit: f64, len: usize) -> usize {
+        self.add_source((rate_mbit * 1e6) as u64, len.max(ID_AT + 8), Traffic::Bulk)
     }
 
-    /// Stops the source.
+    /// Starts a ping stream (84-byte ICMP echo requests) of `pps` packets per second.
+    pub fn start_ping(&mut self, pps: u64) -> usize {
+        self.add_source(pps * 84 * 8, 84, Traffic::Ping)
+    }
+
+    fn add_source(&mut self, rate_bps: u64, len: usize, kind: Traffic) -> usize {
+        self.sources.push(Source {
+            rate_bps,
+            len,
+            kind,
+            next_emit: Some(self.now),
+        });
+        self.sources.len() - 1
+    }
+
+    /// Changes the rate of source `index`.
+    pub fn set_source_rate(&mut self, index: usize, rate_mbit: f64) {
+        if let Some(src) = self.sources.get_mut(index) {
+            src.rate_bps = (rate_mbit * 1e6) as u64;
+        }
+    }
+
+    /// Stops every source.
     pub fn stop_source(&mut self) {
-        self.source = None;
-        self.next_emit = None;
+        for src in &mut self.sources {
+            src.next_emit = None;
+        }
     }
 
     /// Packets the source made so far.
@@ -303,7 +344,7 @@ impl Sim {
 
     /// When packet `id` was made.
     pub fn created_at(&self, id: u64) -> Option<Instant> {
-        self.created.get(id as usize).copied()
+        self.created.get(id as usize).map(|(t, _)| *t)
     }
 
     /// Seconds since the start.
@@ -316,15 +357,19 @@ impl Sim {
         &self.up[i].stats
     }
 
-    fn make_packet(&mut self, len: usize) {
+    fn make_packet(&mut self, index: usize) {
+        let (len, kind) = (self.sources[index].len, self.sources[index].kind);
         let id = self.next_id;
         self.next_id += 1;
-        self.created.push(self.now);
+        self.created.push((self.now, index));
         let mut p = vec![0u8; len];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
         p[8] = 64;
-        p[9] = 17;
+        p[9] = match kind {
+            Traffic::Bulk => 17,
+            Traffic::Ping => 1,
+        };
         p[12..16].copy_from_slice(&[10, 0, 0, 1]);
         p[16..20].copy_from_slice(&[10, 0, 0, 2]);
         p[20..22].copy_from_slice(&5000u16.to_be_bytes());
@@ -339,7 +384,7 @@ impl Sim {
             self.heap.peek().map(|Reverse((t, _))| *t),
             self.site.poll_timeout(),
             self.hub.poll_timeout(),
-            self.next_emit,
+            self.sources.iter().filter_map(|s| s.next_emit).min(),
         ]
         .into_iter()
         .flatten()
@@ -382,11 +427,12 @@ impl Sim {
                 self.arrive(f);
             }
         }
-        if self.next_emit.is_some_and(|t| t <= now) {
-            if let Some((rate, len)) = self.source {
-                self.make_packet(len);
-                let gap = len as u64 * 8 * 1_000_000_000 / rate.max(1);
-                self.next_emit = self.next_emit.map(|t| t + Duration::from_nanos(gap));
+        for i in 0..self.sources.len() {
+            if let Some(t) = self.sources[i].next_emit.filter(|t| *t <= now) {
+                self.make_packet(i);
+                let src = &mut self.sources[i];
+                let gap = src.len as u64 * 8 * 1_000_000_000 / src.rate_bps.max(1);
+                src.next_emit = Some(t + Duration::from_nanos(gap));
             }
         }
         if self.site.poll_timeout().is_some_and(|t| t <= now) {
@@ -478,28 +524,36 @@ impl Sim {
 
     /// A summary of what was delivered of the packets created in `[from_s, to_s)`.
     pub fn report(&self, from_s: f64, to_s: f64) -> Report {
+        self.report_for(None, from_s, to_s)
+    }
+
+    /// [`Sim::report`] for the packets of one source.
+    pub fn report_source(&self, index: usize, from_s: f64, to_s: f64) -> Report {
+        self.report_for(Some(index), from_s, to_s)
+    }
+
+    fn report_for(&self, source: Option<usize>, from_s: f64, to_s: f64) -> Report {
         let from = self.t0 + Duration::from_secs_f64(from_s);
         let to = self.t0 + Duration::from_secs_f64(to_s);
         let mut r = Report::default();
-        let ids: Vec<u64> = (0..self.next_id)
-            .filter(|&i| {
-                let c = self.created[i as usize];
-                c >= from && c < to
-            })
-            .collect();
+        let wanted = |id: u64| {
+            let (c, src) = self.created[id as usize];
+            c >= from && c < to && source.is_none_or(|s| s == src)
+        };
+        let ids: Vec<u64> = (0..self.next_id).filter(|&i| wanted(i)).collect();
         r.created = ids.len() as u64;
         let mut seen = vec![0u32; self.next_id as usize];
         let mut last: Option<u64> = None;
         let mut latencies = Vec::new();
         for d in &self.deliveries {
             seen[d.id as usize] += 1;
-            let in_window = d.created >= from && d.created < to;
-            if let Some(l) = last {
-                if d.id < l && in_window {
+            let in_window = wanted(d.id);
+            if in_window {
+                if last.is_some_and(|l| d.id < l) {
                     r.out_of_order += 1;
                 }
+                last = Some(last.map_or(d.id, |l| l.max(d.id)));
             }
-            last = Some(last.map_or(d.id, |l| l.max(d.id)));
             if in_window {
                 latencies.push(d.delivered - d.created);
                 r.max_reorder_wait = r.max_reorder_wait.max(d.delivered - d.first_arrival);
@@ -530,6 +584,22 @@ impl Sim {
         r.link_rate_bps = (wire as f64 * 8.0 / (to_s - from_s)) as u64;
         r
     }
+}
+
+/// What a source sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// UDP packets of the source's size (not latency-critical unless small).
+    Bulk,
+    /// ICMP echo requests (latency-critical).
+    Ping,
+}
+
+struct Source {
+    rate_bps: u64,
+    len: usize,
+    kind: Traffic,
+    next_emit: Option<Instant>,
 }
 
 fn packet_id(packet: &[u8]) -> Option<u64> {

@@ -33,6 +33,9 @@ const FEEDBACK_ENTRY_LEN: usize = 1 + 4 + 4 + 8 + 4 + 4 + 4;
 
 /// Trailer flag: this packet is one of several copies sent on different links.
 pub const FLAG_DUPLICATE: u8 = 0x01;
+/// Trailer flag: deliver at once, without waiting for earlier packets. `seq` then counts in a
+/// separate sequence space (latency-critical packets that overtake bulk traffic).
+pub const FLAG_UNORDERED: u8 = 0x02;
 
 /// Bonding metadata appended to a data packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,180 @@
+//! `auto` mode in the simulator: the scenarios of the "auto mode" issue as fast,
+//! deterministic tests. Efficiency counts delivered packets as the links carry them (inner
+//! packet + trailer + WireGuard/UDP/IP overhead) over the sum of the link rates.
+
+use std::time::Duration;
+
+use wgbond::bond::sim::{LinkSpec, Sim};
+use wgbond::bond::{Event, LinkState, Mode};
+
+fn cable_lte_sat() -> Vec<LinkSpec> {
+    vec![
+        LinkSpec::new(50.0, 8),
+        LinkSpec::new(20.0, 30).jitter_ms(5).loss_pct(1.0),
+        LinkSpec::new(10.0, 300),
+    ]
+}
+
+fn hetero() -> Vec<LinkSpec> {
+    vec![LinkSpec::new(60.0, 10), LinkSpec::new(20.0, 35)]
+}
+
+/// Bulk efficiency over 2..10 s of a saturating source.
+fn bulk_efficiency(mode: Mode, links: &[LinkSpec], sum_mbit: f64, seed: u64) -> f64 {
+    let mut sim = Sim::new(mode, links, seed);
+    sim.run_until(0.5);
+    let b = sim.start_source(sum_mbit * 1.15, 1400);
+    sim.run_until(10.5);
+    sim.report_source(b, 2.0, 10.0).link_rate_bps as f64 / (sum_mbit * 1e6)
+}
+
+#[test]
+fn cable_lte_sat_sums_the_links_and_keeps_pings_fast() {
+    let mut sim = Sim::new(Mode::Auto, &cable_lte_sat(), 1);
+    sim.run_until(0.5);
+    let bulk = sim.start_source(95.0, 1400);
+    let ping = sim.start_ping(50);
+    sim.run_until(10.5);
+    let b = sim.report_source(bulk, 2.0, 10.0);
+    let p = sim.report_source(ping, 2.0, 10.0);
+    let eff = b.link_rate_bps as f64 / 80e6;
+    println!(
+        "auto cable-lte-sat: efficiency {eff:.3} (best single link 50/80 = 0.625); ping p50 {:?} p99 {:?}, lost {}",
+        p.latency_p50, p.latency_p99, p.lost
+    );
+    assert!(eff >= 0.85, "efficiency {eff}");
+    assert!(
+        b.link_rate_bps > 50_000_000,
+        "must beat the cable link alone"
+    );
+    // One-way latency: p99 within 30 ms means an RTT well under the 60 ms ping target.
+    assert!(
+        p.latency_p99 <= Duration::from_millis(30),
+        "ping p99 {:?}",
+        p.latency_p99
+    );
+    assert_eq!(p.lost, 0);
+}
+
+#[test]
+fn stripe_queues_pings_behind_bulk_where_auto_does_not() {
+    // The reason auto exists: the same load in stripe delays pings behind bulk traffic.
+    let mut sim = Sim::new(Mode::Stripe, &cable_lte_sat(), 1);
+    sim.run_until(0.5);
+    sim.start_source(95.0, 1400);
+    let ping = sim.start_ping(50);
+    sim.run_until(6.0);
+    let p = sim.report_source(ping, 2.0, 6.0);
+    println!("stripe cable-lte-sat: ping p99 {:?}", p.latency_p99);
+    assert!(p.latency_p99 > Duration::from_millis(40));
+}
+
+#[test]
+fn hetero_aggregates_almost_fully() {
+    let eff = bulk_efficiency(Mode::Auto, &hetero(), 80.0, 2);
+    println!("auto hetero: efficiency {eff:.3}");
+    assert!(eff >= 0.97, "efficiency {eff}");
+}
+
+#[test]
+fn five_percent_loss_on_one_link_costs_little() {
+    let clean = bulk_efficiency(Mode::Auto, &hetero(), 80.0, 3);
+    for lossy in 0..2 {
+        let mut links = hetero();
+        links[lossy] = links[lossy].clone().loss_pct(5.0);
+        let eff = bulk_efficiency(Mode::Auto, &links, 80.0, 3);
+        println!(
+            "auto hetero, 5% loss on link {lossy}: {:.3} of loss-free",
+            eff / clean
+        );
+        assert!(eff / clean >= 0.85, "link {lossy}: {}", eff / clean);
+    }
+}
+
+#[test]
+fn a_dying_link_loses_no_ping_and_comes_back() {
+    for mode in [Mode::Auto, Mode::Duplicate] {
+        let mut links = hetero();
+        links[0] = links[0].clone().outage(5.0, 8.0);
+        let mut sim = Sim::new(mode, &links, 4);
+        sim.run_until(0.5);
+        let bulk = (mode == Mode::Auto).then(|| sim.start_source(60.0, 1400));
+        let ping = sim.start_ping(50);
+        sim.run_until(12.0);
+        let p = sim.report_source(ping, 1.0, 11.5);
+        // Longest stall of the bulk stream while the link dies and returns.
+        let mut stall = Duration::ZERO;
+        if let Some(b) = bulk {
+            let _ = b;
+            let times: Vec<_> = sim
+                .deliveries
+                .iter()
+                .filter(|d| d.len == 1400)
+                .map(|d| d.delivered)
+                .collect();
+            for w in times.windows(2) {
+                stall = stall.max(w[1] - w[0]);
+            }
+        }
+        let back = sim
+            .events
+            .iter()
+            .filter(|(t, _, e)| {
+                *t - sim.t0 > Duration::from_secs(8)
+                    && matches!(e, Event::LinkState { link, state: LinkState::Up } if link.0 == 0)
+            })
+            .map(|(t, ..)| *t - sim.t0)
+            .next()
+            .expect("the link comes back");
+        println!(
+            "{mode:?}: pings lost {} of {}, bulk stall {stall:?}, link back at {back:?}",
+            p.lost, p.created
+        );
+        match mode {
+            Mode::Duplicate => assert_eq!(p.lost, 0),
+            _ => assert!(p.lost <= 3),
+        }
+        assert!(stall <= Duration::from_secs(1));
+        assert!(back <= Duration::from_secs(10), "back at {back:?}");
+        if mode == Mode::Auto {
+            // And it carries traffic again.
+            let tx_before = sim.site.link_stats()[0].1.tx_packets;
+            sim.run_until(13.0);
+            assert!(sim.site.link_stats()[0].1.tx_packets > tx_before + 1000);
+        }
+    }
+}
+
+#[test]
+fn a_link_slowing_down_is_followed_within_two_seconds() {
+    let mut links = hetero();
+    links[0] = links[0].clone().rate_change(5.0, 15.0);
+    let mut sim = Sim::new(Mode::Auto, &links, 5);
+    sim.run_until(0.5);
+    let b = sim.start_source(90.0, 1400);
+    sim.run_until(8.0);
+    let r = sim.report_source(b, 6.0, 8.0);
+    let ratio = r.link_rate_bps as f64 / 35e6;
+    println!(
+        "60 -> 15 Mbit/s at 5 s: {:.3} of the new sum from 6 s on",
+        ratio
+    );
+    assert!(ratio >= 0.85, "{ratio}");
+}
+
+#[test]
+fn udp_at_90_percent_of_the_sum_arrives_complete_and_in_order() {
+    let mut sim = Sim::new(Mode::Auto, &hetero(), 6);
+    sim.run_until(0.5);
+    // 90% of 80 Mbit/s on the links, as inner packets.
+    let b = sim.start_source(72.0 * 1400.0 / 1480.0, 1400);
+    sim.run_until(10.5);
+    let r = sim.report_source(b, 2.0, 10.0);
+    println!(
+        "UDP at 90%: loss {:.4}%, out of order {}",
+        r.loss() * 100.0,
+        r.out_of_order
+    );
+    assert!(r.loss() <= 0.01);
+    assert_eq!(r.out_of_order, 0);
+}

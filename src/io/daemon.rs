@@ -419,8 +419,12 @@ impl Daemon {
     /// A packet from TUN: to the bond of the peer whose allowed IPs hold its destination.
     fn on_tun_packet(&mut self, n: usize, now: Instant) {
         let packet = &self.tun_buf[..n];
-        match packet_destination(packet).and_then(|d| self.routes.lookup(d)) {
+        let dst = packet_destination(packet);
+        match dst.and_then(|d| self.routes.lookup(d)) {
             Some(p) => self.peers[p].bond.handle_outbound(packet, now),
+            // The kernel's own multicast (IPv6 router solicitations, MLD) on the TUN device is
+            // not a routing failure worth counting.
+            None if dst.is_some_and(|d| d.is_multicast()) => {}
             None => self.drops.tx_no_route += 1,
         }
     }

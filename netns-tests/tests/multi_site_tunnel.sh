@@ -15,9 +15,9 @@ set -u
 # shellcheck source=../tunnel_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../tunnel_lib.sh"
 
-A="wgbms$$a"
-B="wgbms$$b"
-H="wgbms$$h"
+A="${TL_PREFIX}sitea"
+B="${TL_PREFIX}siteb"
+H="${TL_PREFIX}hub"
 tl_require multi_site_tunnel
 
 tl_netns "$A"

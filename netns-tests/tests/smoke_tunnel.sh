@@ -30,8 +30,8 @@ if ((FULL_TUNNEL)); then
 else
     SITE_ALLOWED='"10.99.0.1/32"'
 fi
-SITE_NS="wgbsmk$$s"
-HUB_NS="wgbsmk$$h"
+SITE_NS="${TL_PREFIX}site"
+HUB_NS="${TL_PREFIX}hub"
 in_site() { ip netns exec "$SITE_NS" "$@"; }
 in_hub() { ip netns exec "$HUB_NS" "$@"; }
 

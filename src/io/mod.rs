@@ -2,3 +2,4 @@
 //! control socket.
 
 pub mod netcfg;
+pub mod systemd;

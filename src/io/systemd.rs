@@ -1,0 +1,285 @@
+//! Service-manager notifications (`sd_notify(3)`): readiness, status, watchdog, reload, stop.
+//!
+//! Every function is a no-op when the daemon was not started by systemd with `Type=notify`
+//! (no `NOTIFY_SOCKET`), so the daemon calls them unconditionally. The environment is read
+//! once, at the first call; hooks and other children should not inherit it
+//! ([`CHILD_ENV_REMOVE`]).
+//!
+//! Where the daemon calls them:
+//! ```no_run
+//! use wgbond::io::systemd;
+//! # fn interface_up_and_links_probing() {}
+//! interface_up_and_links_probing();
+//! systemd::notify_ready("wg0: 3 links probing");
+//! // In the data path (or a timer the data path feeds), every watchdog_interval():
+//! if let Some(every) = systemd::watchdog_interval() {
+//!     # let _ = every;
+//!     systemd::notify_watchdog();
+//! }
+//! // SIGHUP: reload, then READY=1 again with the new summary.
+//! systemd::notify_reloading();
+//! systemd::notify_ready("wg0: 2 links up, 1 probing");
+//! // SIGTERM: before tearing down.
+//! systemd::notify_stopping();
+//! ```
+//!
+//! Written here rather than with the `sd-notify` crate because that crate reads the environment
+//! on every call and can only forget it by `env::remove_var`, which races with other threads in
+//! a multi-threaded runtime; it cannot reach abstract-namespace sockets (`@name`); and it opens a
+//! socket per message. [`Notifier`] takes its address explicitly, so it is tested without
+//! touching the process environment.
+
+use std::io;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Environment variables that describe our own service-manager connection; a child process
+/// (a hook) must not inherit them, or it could speak for the daemon.
+pub const CHILD_ENV_REMOVE: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+/// A connection to the service manager's notification socket.
+#[derive(Debug)]
+pub struct Notifier {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+}
+
+impl Notifier {
+    /// The notifier for `NOTIFY_SOCKET`, or `None` when it is unset or unusable (then a
+    /// warning is logged: systemd would wait for READY=1 in vain).
+    pub fn from_env() -> Option<Self> {
+        let value = std::env::var_os("NOTIFY_SOCKET")?;
+        let value = value.to_string_lossy();
+        match Self::new(&value) {
+            Ok(notifier) => Some(notifier),
+            Err(e) => {
+                tracing::warn!("NOTIFY_SOCKET={value} is unusable, systemd is not notified: {e}");
+                None
+            }
+        }
+    }
+
+    /// A notifier sending to `address`: a socket path, or `@name` for an abstract socket.
+    pub fn new(address: &str) -> io::Result<Self> {
+        let addr = parse_address(address)?;
+        let socket = UnixDatagram::unbound()?;
+        // Never stall the data path on a busy service manager; a lost keep-alive is resent.
+        socket.set_nonblocking(true)?;
+        Ok(Self { socket, addr })
+    }
+
+    /// Sends one datagram of `KEY=VALUE` lines.
+    pub fn send(&self, state: &str) -> io::Result<()> {
+        let sent = self.socket.send_to_addr(state.as_bytes(), &self.addr)?;
+        if sent == state.len() {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::WriteZero, "short datagram"))
+        }
+    }
+}
+
+fn parse_address(address: &str) -> io::Result<SocketAddr> {
+    if let Some(name) = address.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt as _;
+        SocketAddr::from_abstract_name(name.as_bytes())
+    } else if address.starts_with('/') {
+        SocketAddr::from_pathname(address)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "expected an absolute path or @name",
+        ))
+    }
+}
+
+/// `READY=1` with a status line, as a datagram.
+pub fn ready_message(status: &str) -> String {
+    format!("READY=1\nSTATUS={}", one_line(status))
+}
+
+/// `STATUS=` as a datagram.
+pub fn status_message(status: &str) -> String {
+    format!("STATUS={}", one_line(status))
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC` that systemd 253+ requires with it.
+fn reloading_message() -> String {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc == 0 {
+        let usec = (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000;
+        format!("RELOADING=1\nMONOTONIC_USEC={usec}")
+    } else {
+        "RELOADING=1".to_owned()
+    }
+}
+
+/// A status is one line: a newline would start another `KEY=VALUE` field.
+fn one_line(status: &str) -> String {
+    status.replace(['\n', '\r'], " ")
+}
+
+/// The keep-alive interval when systemd's watchdog is on for this process: half of
+/// `WATCHDOG_USEC`, as `sd_watchdog_enabled(3)` recommends. `pid` is ours.
+pub fn watchdog_interval_from(
+    usec: Option<&str>,
+    watchdog_pid: Option<&str>,
+    pid: u32,
+) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok()?;
+    if usec == 0 {
+        return None;
+    }
+    // WATCHDOG_PID, when set, names the process the watchdog is meant for.
+    if let Some(p) = watchdog_pid {
+        if p.trim().parse::<u32>().ok()? != pid {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec / 2))
+}
+
+struct Manager {
+    notifier: Option<Notifier>,
+    watchdog: Option<Duration>,
+}
+
+fn manager() -> &'static Manager {
+    static MANAGER: OnceLock<Manager> = OnceLock::new();
+    MANAGER.get_or_init(|| {
+        let env = |k: &str| std::env::var(k).ok();
+        let watchdog = watchdog_interval_from(
+            env("WATCHDOG_USEC").as_deref(),
+            env("WATCHDOG_PID").as_deref(),
+            std::process::id(),
+        );
+        Manager {
+            notifier: Notifier::from_env(),
+            watchdog,
+        }
+    })
+}
+
+fn send(state: &str) {
+    if let Some(n) = &manager().notifier {
+        if let Err(e) = n.send(state) {
+            // The first line names the notification (READY=1, WATCHDOG=1, ...).
+            let what = state.lines().next().unwrap_or_default();
+            tracing::warn!("cannot notify systemd ({what}): {e}");
+        }
+    }
+}
+
+/// Tells systemd the service is up (`READY=1`), with a one-line status. Call once the
+/// interface exists and the links are probing, and again after each reload.
+pub fn notify_ready(status: &str) {
+    send(&ready_message(status));
+}
+
+/// Updates the one-line status shown by `systemctl status`.
+pub fn notify_status(status: &str) {
+    send(&status_message(status));
+}
+
+/// Watchdog keep-alive (`WATCHDOG=1`). Call every [`watchdog_interval`] from the data path,
+/// so a stuck event loop gets the service restarted.
+pub fn notify_watchdog() {
+    send("WATCHDOG=1");
+}
+
+/// How often to call [`notify_watchdog`]; `None` when systemd's watchdog is off.
+pub fn watchdog_interval() -> Option<Duration> {
+    manager().watchdog
+}
+
+/// Tells systemd a reload began (`RELOADING=1`); follow with [`notify_ready`] when done.
+pub fn notify_reloading() {
+    send(&reloading_message());
+}
+
+/// Tells systemd the service is stopping (`STOPPING=1`), before the teardown starts.
+pub fn notify_stopping() {
+    send("STOPPING=1");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> (tempfile::TempDir, UnixDatagram, String) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let path = path.to_str().expect("utf-8 path").to_owned();
+        (dir, sock, path)
+    }
+
+    fn recv(sock: &UnixDatagram) -> String {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn exact_datagrams_arrive() {
+        let (_dir, sock, path) = listener();
+        let n = Notifier::new(&path).expect("notifier");
+        n.send(&ready_message("wg0: 2 links\nSTATUS=evil"))
+            .expect("send");
+        assert_eq!(recv(&sock), "READY=1\nSTATUS=wg0: 2 links STATUS=evil");
+        n.send(&status_message("wg0: cable up")).expect("send");
+        assert_eq!(recv(&sock), "STATUS=wg0: cable up");
+        n.send("WATCHDOG=1").expect("send");
+        assert_eq!(recv(&sock), "WATCHDOG=1");
+        let reload = reloading_message();
+        n.send(&reload).expect("send");
+        let got = recv(&sock);
+        let usec = got
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .expect("RELOADING with MONOTONIC_USEC");
+        assert!(usec.parse::<u64>().expect("number") > 0);
+    }
+
+    #[test]
+    fn abstract_socket_addresses_work() {
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("wgbond-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let sock = UnixDatagram::bind_addr(&addr).expect("bind abstract");
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let n = Notifier::new(&format!("@{name}")).expect("notifier");
+        n.send("STOPPING=1").expect("send");
+        assert_eq!(recv(&sock), "STOPPING=1");
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected_and_gone_listener_is_an_error() {
+        assert!(Notifier::new("relative/path").is_err());
+        let (dir, sock, path) = listener();
+        let n = Notifier::new(&path).expect("notifier");
+        drop(sock);
+        drop(dir);
+        assert!(n.send("WATCHDOG=1").is_err());
+    }
+
+    #[test]
+    fn watchdog_interval_is_half_and_checks_pid() {
+        let half = Some(Duration::from_secs(15));
+        assert_eq!(watchdog_interval_from(Some("30000000"), None, 7), half);
+        assert_eq!(watchdog_interval_from(Some("30000000"), Some("7"), 7), half);
+        assert_eq!(watchdog_interval_from(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval_from(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval_from(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_interval_from(None, Some("7"), 7), None);
+        assert_eq!(watchdog_interval_from(Some("30000000"), Some("x"), 7), None);
+    }
+}

@@ -1,0 +1,44 @@
+//! The `wgbond::io::systemd` functions read the environment the way systemd sets it.
+//!
+//! One test in its own binary: it sets `NOTIFY_SOCKET`/`WATCHDOG_*` before the first call, and
+//! nothing else in this process reads the environment concurrently.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use wgbond::io::systemd;
+
+fn recv(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("a datagram within 2 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn notifications_reach_notify_socket_from_env() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    std::env::set_var("NOTIFY_SOCKET", &path);
+    std::env::set_var("WATCHDOG_USEC", "30000000");
+    std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+
+    assert_eq!(systemd::watchdog_interval(), Some(Duration::from_secs(15)));
+    systemd::notify_ready("wg0: 2 links probing");
+    assert_eq!(recv(&sock), "READY=1\nSTATUS=wg0: 2 links probing");
+    systemd::notify_watchdog();
+    assert_eq!(recv(&sock), "WATCHDOG=1");
+    systemd::notify_status("wg0: cable up, lte down");
+    assert_eq!(recv(&sock), "STATUS=wg0: cable up, lte down");
+    systemd::notify_reloading();
+    assert!(recv(&sock).starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    systemd::notify_stopping();
+    assert_eq!(recv(&sock), "STOPPING=1");
+
+    // Nothing else was sent.
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 64];
+    assert!(sock.recv(&mut buf).is_err());
+}

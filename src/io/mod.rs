@@ -1,5 +1,6 @@
 //! The tokio IO layer: TUN device, one UDP socket per link, kernel network configuration,
 //! control socket.
 
+pub mod metrics;
 pub mod netcfg;
 pub mod systemd;

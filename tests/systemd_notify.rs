@@ -1,4 +1,5 @@
-//! The `wgbond::io::systemd` functions read the environment the way systemd sets it.
+//! The `wgbond::io::systemd` functions read the environment the way systemd sets it, and
+//! hooks do not inherit it.
 //!
 //! One test in its own binary: it sets `NOTIFY_SOCKET`/`WATCHDOG_*` before the first call, and
 //! nothing else in this process reads the environment concurrently.
@@ -6,6 +7,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
+use wgbond::io::hooks::{self, HookStage};
 use wgbond::io::systemd;
 
 fn recv(sock: &UnixDatagram) -> String {
@@ -36,6 +38,16 @@ fn notifications_reach_notify_socket_from_env() {
     assert!(recv(&sock).starts_with("RELOADING=1\nMONOTONIC_USEC="));
     systemd::notify_stopping();
     assert_eq!(recv(&sock), "STOPPING=1");
+
+    // A hook cannot speak for the daemon: it does not inherit the socket or the watchdog.
+    let seen = dir.path().join("hook-env");
+    let hook = format!(
+        "echo \"${{NOTIFY_SOCKET:-none}} ${{WATCHDOG_USEC:-none}} ${{WATCHDOG_PID:-none}}\" > {}",
+        seen.display()
+    );
+    hooks::run(HookStage::PostUp, &[hook], "wgb0").expect("hook runs");
+    let seen = std::fs::read_to_string(&seen).expect("hook wrote its environment");
+    assert_eq!(seen, "none none none\n");
 
     // Nothing else was sent.
     sock.set_nonblocking(true).expect("nonblocking");

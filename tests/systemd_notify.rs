@@ -32,6 +32,13 @@ fn notifications_reach_notify_socket_from_env() {
     assert_eq!(recv(&sock), "READY=1\nSTATUS=wg0: 2 links probing");
     systemd::notify_watchdog();
     assert_eq!(recv(&sock), "WATCHDOG=1");
+    // The event-loop helper: one keep-alive per interval however often the loop turns.
+    let mut watchdog = systemd::Watchdog::from_env();
+    let now = std::time::Instant::now();
+    assert!(watchdog.kick(now));
+    assert_eq!(recv(&sock), "WATCHDOG=1");
+    assert!(!watchdog.kick(now + Duration::from_secs(1)));
+    assert_eq!(watchdog.deadline(), Some(now + Duration::from_secs(15)));
     systemd::notify_status("wg0: cable up, lte down");
     assert_eq!(recv(&sock), "STATUS=wg0: cable up, lte down");
     systemd::notify_reloading();

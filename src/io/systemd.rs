@@ -10,15 +10,15 @@
 //! use wgbond::io::systemd;
 //! # fn interface_up_and_links_probing() {}
 //! interface_up_and_links_probing();
-//! systemd::notify_ready("wg0: 3 links probing");
-//! // In the data path (or a timer the data path feeds), every watchdog_interval():
-//! if let Some(every) = systemd::watchdog_interval() {
-//!     # let _ = every;
-//!     systemd::notify_watchdog();
-//! }
+//! # let snapshot = wgbond::io::metrics::MetricsSnapshot::default();
+//! systemd::notify_ready(&systemd::status_summary(&snapshot)); // "site: 0/3 links up (...)"
+//! // In the event loop, on every turn (it sends at most once per watchdog_interval()):
+//! let mut watchdog = systemd::Watchdog::from_env();
+//! watchdog.kick(std::time::Instant::now());
+//! // ... and wake no later than watchdog.deadline().
 //! // SIGHUP: reload, then READY=1 again with the new summary.
 //! systemd::notify_reloading();
-//! systemd::notify_ready("wg0: 2 links up, 1 probing");
+//! systemd::notify_ready(&systemd::status_summary(&snapshot));
 //! // SIGTERM: before tearing down.
 //! systemd::notify_stopping();
 //! ```
@@ -32,7 +32,9 @@
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::io::metrics::{state_label, LinkMetrics, MetricsSnapshot};
 
 /// Environment variables that describe our own service-manager connection; a child process
 /// (a hook) must not inherit them, or it could speak for the daemon.
@@ -208,6 +210,101 @@ pub fn notify_stopping() {
     send("STOPPING=1");
 }
 
+/// Sends `WATCHDOG=1` from the daemon's event loop: call [`Watchdog::kick`] on every turn of
+/// the loop; it sends at most once per [`watchdog_interval`]. Kept in the data path rather than
+/// on a timer task of its own, so a stuck loop stops the keep-alives and systemd restarts us.
+#[derive(Debug)]
+pub struct Watchdog {
+    interval: Option<Duration>,
+    last: Option<Instant>,
+    notifier: Option<Notifier>,
+}
+
+impl Watchdog {
+    /// The watchdog systemd configured for this process (a no-op without one).
+    pub fn from_env() -> Self {
+        Self {
+            interval: watchdog_interval(),
+            last: None,
+            notifier: None,
+        }
+    }
+
+    /// A watchdog sending to `notifier` every `interval`.
+    pub fn with_notifier(notifier: Notifier, interval: Duration) -> Self {
+        Self {
+            interval: Some(interval),
+            last: None,
+            notifier: Some(notifier),
+        }
+    }
+
+    /// The latest time by which the loop must call [`Watchdog::kick`] again; `None` when the
+    /// watchdog is off. Arm the loop's timer no later than this.
+    pub fn deadline(&self) -> Option<Instant> {
+        Some(self.last? + self.interval?)
+    }
+
+    /// Sends `WATCHDOG=1` if the interval has passed since the last one; returns whether it did.
+    pub fn kick(&mut self, now: Instant) -> bool {
+        let Some(interval) = self.interval else {
+            return false;
+        };
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < interval)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        match &self.notifier {
+            Some(n) => {
+                if let Err(e) = n.send("WATCHDOG=1") {
+                    tracing::warn!("cannot notify systemd (WATCHDOG=1): {e}");
+                }
+            }
+            None => notify_watchdog(),
+        }
+        true
+    }
+}
+
+/// A one-line status for `systemctl status`, from the metrics snapshot: per peer, how many
+/// links are up and which are not; kept short for a hub with many peers.
+pub fn status_summary(snapshot: &MetricsSnapshot) -> String {
+    let state_of = |l: &LinkMetrics| state_label(l.stats.state);
+    let links: Vec<&LinkMetrics> = snapshot.peers.iter().flat_map(|p| &p.links).collect();
+    let up = links.iter().filter(|l| state_of(l) == "up").count();
+    match snapshot.peers.as_slice() {
+        [] => format!("{}: no peers", snapshot.interface),
+        [peer] => {
+            let mut line = format!("{}: {up}/{} links up", snapshot.interface, links.len());
+            let others: Vec<String> = peer
+                .links
+                .iter()
+                .filter(|l| state_of(l) != "up")
+                .map(|l| format!("{} {}", l.stats.name, state_of(l)))
+                .collect();
+            if !others.is_empty() {
+                line.push_str(&format!(" ({})", others.join(", ")));
+            }
+            line
+        }
+        peers => {
+            let connected = peers
+                .iter()
+                .filter(|p| p.links.iter().any(|l| state_of(l) == "up"))
+                .count();
+            format!(
+                "{}: {connected}/{} peers connected, {up}/{} links up",
+                snapshot.interface,
+                peers.len(),
+                links.len()
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +378,61 @@ mod tests {
         assert_eq!(watchdog_interval_from(Some("soon"), None, 7), None);
         assert_eq!(watchdog_interval_from(None, Some("7"), 7), None);
         assert_eq!(watchdog_interval_from(Some("30000000"), Some("x"), 7), None);
+    }
+
+    #[test]
+    fn watchdog_kicks_once_per_interval() {
+        let (_dir, sock, path) = listener();
+        let n = Notifier::new(&path).expect("notifier");
+        let mut w = Watchdog::with_notifier(n, Duration::from_secs(15));
+        let t0 = Instant::now();
+        assert_eq!(w.deadline(), None);
+        assert!(w.kick(t0));
+        assert_eq!(recv(&sock), "WATCHDOG=1");
+        assert_eq!(w.deadline(), Some(t0 + Duration::from_secs(15)));
+        assert!(!w.kick(t0 + Duration::from_secs(14)));
+        assert!(w.kick(t0 + Duration::from_secs(15)));
+        assert_eq!(recv(&sock), "WATCHDOG=1");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 16];
+        assert!(sock.recv(&mut buf).is_err(), "exactly two keep-alives");
+    }
+
+    #[test]
+    fn status_summary_lines() {
+        use crate::bond::{LinkState, LinkStats};
+        use crate::io::metrics::PeerMetrics;
+        let link = |name: &str, state| LinkMetrics {
+            stats: LinkStats {
+                name: name.to_owned(),
+                state,
+                ..LinkStats::default()
+            },
+            since_handshake: None,
+        };
+        let peer = |links| PeerMetrics {
+            links,
+            ..PeerMetrics::default()
+        };
+        let mut snap = MetricsSnapshot {
+            interface: "site".to_owned(),
+            peers: vec![],
+        };
+        assert_eq!(status_summary(&snap), "site: no peers");
+        snap.peers.push(peer(vec![
+            link("cable", Some(LinkState::Up)),
+            link("lte", Some(LinkState::Degraded)),
+            link("sat", None),
+        ]));
+        assert_eq!(
+            status_summary(&snap),
+            "site: 1/3 links up (lte degraded, sat probing)"
+        );
+        snap.peers
+            .push(peer(vec![link("a", Some(LinkState::Down))]));
+        assert_eq!(
+            status_summary(&snap),
+            "site: 1/2 peers connected, 1/4 links up"
+        );
     }
 }

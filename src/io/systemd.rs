@@ -31,6 +31,7 @@
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -169,11 +170,17 @@ fn manager() -> &'static Manager {
 }
 
 fn send(state: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
     if let Some(n) = &manager().notifier {
         if let Err(e) = n.send(state) {
             // The first line names the notification (READY=1, WATCHDOG=1, ...).
             let what = state.lines().next().unwrap_or_default();
-            tracing::warn!("cannot notify systemd ({what}): {e}");
+            // Once is enough: after `up` in the background returns, its socket is gone for good.
+            if WARNED.swap(true, Ordering::Relaxed) {
+                tracing::debug!("cannot notify the service manager ({what}): {e}");
+            } else {
+                tracing::warn!("cannot notify the service manager ({what}): {e}");
+            }
         }
     }
 }
@@ -301,6 +308,159 @@ pub fn status_summary(snapshot: &MetricsSnapshot) -> String {
                 peers.len(),
                 links.len()
             )
+        }
+    }
+}
+
+/// Why a daemon started by [`spawn_until_ready`] did not become ready.
+#[derive(Debug)]
+pub enum ReadyError {
+    /// The notification socket or the process could not be set up.
+    Io(io::Error),
+    /// The daemon exited first; `status` is its last `STATUS=` (its reason), if it sent one.
+    Exited {
+        /// How it exited.
+        exit: std::process::ExitStatus,
+        /// Its last `STATUS=` line.
+        status: Option<String>,
+    },
+    /// It sent no `READY=1` in time and was killed.
+    Timeout {
+        /// How long we waited.
+        waited: Duration,
+        /// Its last `STATUS=` line.
+        status: Option<String>,
+    },
+}
+
+impl std::fmt::Display for ReadyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "cannot start the daemon: {e}"),
+            Self::Exited {
+                status: Some(s), ..
+            } => f.write_str(s),
+            Self::Exited { exit, status: None } => write!(f, "the daemon exited ({exit})"),
+            Self::Timeout { waited, status } => {
+                write!(f, "the daemon was not ready after {} s", waited.as_secs())?;
+                match status {
+                    Some(s) => write!(f, " (last status: {s})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReadyError {}
+
+/// Starts `command` as a detached daemon (its own session) with `NOTIFY_SOCKET` pointing at a
+/// socket of ours, and returns once it sends `READY=1`: what `wgbond up` without `--foreground`
+/// needs, using the same notifications the daemon sends to systemd. A daemon that fails should
+/// send its one-line reason as `STATUS=` before exiting; it becomes the error. On timeout the
+/// daemon is killed. The socket lives in a fresh mode-700 directory, so only root can fake it.
+pub fn spawn_until_ready(
+    command: &mut std::process::Command,
+    timeout: Duration,
+) -> Result<std::process::Child, ReadyError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    use std::os::unix::process::CommandExt as _;
+
+    let dir = std::env::temp_dir().join(format!(
+        "wgbond-ready-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(ReadyError::Io)?;
+    let result = (|| {
+        let path = dir.join("notify");
+        let socket = UnixDatagram::bind(&path)?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        command.env("NOTIFY_SOCKET", &path);
+        for key in &CHILD_ENV_REMOVE[1..] {
+            command.env_remove(key);
+        }
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        Ok((socket, child))
+    })();
+    let outcome = match result {
+        Ok((socket, child)) => wait_ready(&socket, child, timeout),
+        Err(e) => Err(ReadyError::Io(e)),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+fn wait_ready(
+    socket: &UnixDatagram,
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::Child, ReadyError> {
+    let start = Instant::now();
+    let mut status: Option<String> = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let mut ready = false;
+                for line in text.lines() {
+                    if line == "READY=1" {
+                        ready = true;
+                    } else if let Some(s) = line.strip_prefix("STATUS=") {
+                        status = Some(s.to_owned());
+                    }
+                }
+                if ready {
+                    return Ok(child);
+                }
+                continue; // drain before looking at the process
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ReadyError::Io(e));
+            }
+        }
+        match child.try_wait() {
+            Ok(Some(exit)) => {
+                // A last datagram may have been sent just before exiting.
+                while let Ok(n) = socket.recv(&mut buf) {
+                    for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                        if let Some(s) = line.strip_prefix("STATUS=") {
+                            status = Some(s.to_owned());
+                        }
+                    }
+                }
+                return Err(ReadyError::Exited { exit, status });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadyError::Io(e)),
+        }
+        if start.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ReadyError::Timeout {
+                waited: timeout,
+                status,
+            });
         }
     }
 }

@@ -58,6 +58,7 @@ fn full_snapshot() -> MetricsSnapshot {
             rx_not_allowed: 0,
             links: vec![link("cable"), link("lte")],
         }],
+        drops: vec![("tx_no_route".to_owned(), 1)],
     }
 }
 

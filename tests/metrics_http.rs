@@ -40,6 +40,7 @@ async fn start() -> SocketAddr {
                 links: vec![link("cable", n * STEP), link("lte", n * STEP / 3)],
                 ..PeerMetrics::default()
             }],
+            drops: Vec::new(),
         }
     }));
     addr

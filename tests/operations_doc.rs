@@ -134,6 +134,7 @@ fn metric_tables_match_the_exposition() {
             links: vec![link],
             ..PeerMetrics::default()
         }],
+        drops: vec![("udp_send".to_owned(), 0)],
     };
     let text = render(&snapshot);
     let exported: BTreeSet<String> = text

@@ -56,6 +56,9 @@ pub struct MetricsSnapshot {
     pub interface: String,
     /// Its peers.
     pub peers: Vec<PeerMetrics>,
+    /// Interface-wide drop counters by reason (`no_route`, `udp_send`, `unauthenticated`, ...):
+    /// packets dropped outside any one peer's bond.
+    pub drops: Vec<(String, u64)>,
 }
 
 /// One peer's counters.
@@ -108,6 +111,12 @@ struct LinkStateLabels {
     peer: String,
     link: String,
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    interface: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -337,7 +346,21 @@ pub fn render_at(snapshot: &MetricsSnapshot, now: SystemTime) -> String {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(secs)
     };
+    let drops: Counters<DropLabels> = family(
+        &mut reg,
+        "wgbond_interface_dropped_packets",
+        "Packets the daemon dropped outside any one peer's bond, by reason",
+        None,
+    );
+
     let interface = label(&snapshot.interface);
+    for (reason, count) in &snapshot.drops {
+        let labels = DropLabels {
+            interface: interface.clone(),
+            reason: label(reason),
+        };
+        drops.get_or_create(&labels).inc_by(*count);
+    }
     for peer in &snapshot.peers {
         let pl = PeerLabels {
             interface: interface.clone(),
@@ -628,9 +651,6 @@ mod tests {
         }
     }
 
-    pub(super) fn snapshot_pub() -> MetricsSnapshot {
-        snapshot()
-    }
     fn snapshot() -> MetricsSnapshot {
         MetricsSnapshot {
             interface: "wg-site".to_owned(),
@@ -657,6 +677,10 @@ mod tests {
                     l
                 }],
             }],
+            drops: vec![
+                ("udp_send".to_owned(), 4),
+                ("unauthenticated".to_owned(), 0),
+            ],
         }
     }
 
@@ -732,6 +756,13 @@ mod tests {
             s("wgbond_peer_last_handshake_timestamp_seconds", peer),
             1_700_000_000.0 - 2.0
         );
+        assert_eq!(
+            s(
+                "wgbond_interface_dropped_packets_total",
+                r#"{interface="wg-site",reason="udp_send"}"#
+            ),
+            4.0
+        );
         let version = format!(r#"{{version="{}"}}"#, env!("CARGO_PKG_VERSION"));
         assert_eq!(s("wgbond_build_info", &version), 1.0);
         assert!(text.contains("# TYPE wgbond_link_tx_bytes counter\n"));
@@ -791,9 +822,4 @@ mod tests {
         assert_eq!(r("\u{0}\u{1}\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(b"GET /\xff HTTP/1.1\r\n\r\n"), Route::BadRequest);
     }
-}
-#[cfg(test)]
-#[test]
-fn zz_dump() {
-    std::fs::write("/tmp/metrics.txt", render(&tests::snapshot_pub())).unwrap();
 }

@@ -577,6 +577,7 @@ mod tests {
         let mut snap = MetricsSnapshot {
             interface: "site".to_owned(),
             peers: vec![],
+            drops: Vec::new(),
         };
         assert_eq!(status_summary(&snap), "site: no peers");
         snap.peers.push(peer(vec![

@@ -1,4 +1,7 @@
 //! The tokio IO layer: TUN device, one UDP socket per link, kernel network configuration,
 //! control socket.
 
+pub mod hooks;
+pub mod metrics;
 pub mod netcfg;
+pub mod systemd;

@@ -431,8 +431,8 @@ lab_gc() {
     for ns in $(ip netns list | awk '{print $1}' | grep -E '^wgb-[0-9]+-'); do
         prefixes+=("$(sed -E 's/^(wgb-[0-9]+-).*/\1/' <<<"$ns")")
     done
-    for prefix in $(ls -d "$LAB_RUN_DIR"/wgb-*/ 2>/dev/null); do
-        prefixes+=("$(basename "$prefix")-")
+    for prefix in "$LAB_RUN_DIR"/wgb-*/; do
+        [[ -d $prefix ]] && prefixes+=("$(basename "$prefix")-")
     done
     for prefix in $(printf '%s\n' "${prefixes[@]}" | sort -u); do
         owner=$(cat "$LAB_RUN_DIR/${prefix%-}/owner" 2>/dev/null)

@@ -5,11 +5,14 @@
 # shellcheck source=lab.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
 
+# Set by t_fail; a test script ends with `exit "$TEST_FAILED"`.
+# shellcheck disable=SC2034
 TEST_FAILED=0
 
 t_pass() { echo "PASS $1: $2"; }
 t_fail() {
     echo "FAIL $1: $2"
+    # shellcheck disable=SC2034
     TEST_FAILED=1
 }
 

@@ -52,21 +52,36 @@ cpu_of() {
     t_calc "$ticks / $(getconf CLK_TCK)"
 }
 
-# measure DST SRC [extra iperf3 args...]: down (-R) then up; sets DOWN, UP, GB (both).
+# Ping RTT percentiles (ms) from a file of ping output: "p50 p95".
+rtt_percentiles() {
+    sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' "$1" | sort -n |
+        awk '{ v[NR] = $1 }
+             END { if (!NR) { print "- -"; exit }
+                   a = int(NR * 0.5 + 0.5); b = int(NR * 0.95 + 0.5); if (a < 1) a = 1; if (b < 1) b = 1
+                   printf "%.1f %.1f", v[a], v[b] }'
+}
+
+# measure DST SRC [extra iperf3 args...]: down (-R, with pings alongside) then up; sets DOWN,
+# UP, P50, P95 (RTT under the download), GB (both directions).
 measure() {
-    local dst=$1 src=$2
+    local dst=$1 src=$2 pings="$LAB_STATE/bench-ping.txt" ping_pid
     shift 2
+    lab_exec site1 ping -n -I "$src" -i 0.1 -w "$DURATION" "$dst" >"$pings" 2>&1 &
+    ping_pid=$!
+    LAB_PIDS+=("$ping_pid")
     DOWN=$(t_iperf site1 "$src" "$dst" "$DURATION" -R "$@")
+    wait "$ping_pid" 2>/dev/null
+    read -r P50 P95 < <(rtt_percentiles "$pings")
     UP=$(t_iperf site1 "$src" "$dst" "$DURATION" "$@")
     GB=$(t_calc "(${DOWN:-0} + ${UP:-0}) * $DURATION / 8 / 1000")
 }
 
-row() { ROWS+=("$1|${2:-?}|${3:-?}|${4:-}"); }
+row() { ROWS+=("$1|${2:-?}|${3:-?}|${4:-}|${5:-}"); }
 
 # 1. Each link alone, no tunnel.
 for i in "${!LAB_LINK_NAME[@]}"; do
     measure "$HUB" "$(lab_wan_ip 1 "$i")"
-    row "${LAB_LINK_NAME[$i]} alone, plain TCP" "$DOWN" "$UP"
+    row "${LAB_LINK_NAME[$i]} alone, plain TCP" "$DOWN" "$UP" "" "$P50 / $P95"
 done
 
 # 2. Each link alone through wireguard-go: one tunnel, its UDP socket steered onto link I by an
@@ -110,7 +125,7 @@ for i in "${!LAB_LINK_NAME[@]}"; do
     measure "$WG_HUB" "$WG_SITE"
     after=$(cpu_of "${WG_PIDS[@]}")
     WG_DOWN[i]=${DOWN:-0} WG_UP[i]=${UP:-0}
-    row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")"
+    row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
 done
 lab_kill_pids "${WG_PIDS[@]}"
 WG_SUM_DOWN=$(t_calc "0 $(printf ' + %s' "${WG_DOWN[@]:-0}")")
@@ -127,11 +142,18 @@ for i in "${!LAB_LINK_NAME[@]}"; do
 done
 lab_bg hub mptcpize run iperf3 -s -p 5301 >/dev/null 2>&1
 sleep 0.5
-DOWN=$(lab_exec site1 timeout $((DURATION + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" -R 2>&1 |
-    awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }')
-UP=$(lab_exec site1 timeout $((DURATION + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" 2>&1 |
-    awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }')
-row "kernel MPTCP, one subflow per WAN" "$DOWN" "$UP"
+mptcp_iperf() {
+    lab_exec site1 timeout $((DURATION + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" "$@" 2>&1 |
+        awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }'
+}
+lab_exec site1 ping -n -i 0.1 -w "$DURATION" "$HUB" >"$LAB_STATE/bench-ping.txt" 2>&1 &
+ping_pid=$!
+LAB_PIDS+=("$ping_pid")
+DOWN=$(mptcp_iperf -R)
+wait "$ping_pid" 2>/dev/null
+read -r P50 P95 < <(rtt_percentiles "$LAB_STATE/bench-ping.txt")
+UP=$(mptcp_iperf)
+row "kernel MPTCP, one subflow per WAN" "$DOWN" "$UP" "" "$P50 / $P95"
 
 # 4. wgbond (only with --wgbond: needs a working daemon).
 if ((WITH_WGBOND)); then
@@ -179,7 +201,7 @@ EOF
                 before=$(cpu_of "$hub_pid" "$site_pid")
                 measure 10.98.0.1 10.98.0.2
                 after=$(cpu_of "$hub_pid" "$site_pid")
-                row "wgbond $mode" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")"
+                row "wgbond $mode" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
             else
                 row "wgbond $mode" "no tunnel" "no tunnel"
             fi
@@ -194,10 +216,10 @@ eff() { [[ $1 =~ ^[0-9.]+$ ]] && awk -v v="$1" -v s="$2" 'BEGIN { if (s > 0) pri
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), commit $(git -C "$LAB_REPO" rev-parse --short HEAD 2>/dev/null || echo '?')."
     echo "Efficiency = goodput / sum of the single-link wireguard-go goodputs ($WG_SUM_DOWN down, $WG_SUM_UP up)."
     echo
-    echo "| path | down Mbit/s | up Mbit/s | efficiency down | efficiency up | CPU s/GB (both ends) |"
-    echo "|---|---|---|---|---|---|"
+    echo "| path | down Mbit/s | up Mbit/s | efficiency down | efficiency up | ping p50 / p95 ms during download | CPU s/GB (both ends) |"
+    echo "|---|---|---|---|---|---|---|"
     for r in "${ROWS[@]}"; do
-        IFS='|' read -r name down up cpu <<<"$r"
-        echo "| $name | $down | $up | $(eff "$down" "$WG_SUM_DOWN") | $(eff "$up" "$WG_SUM_UP") | $cpu |"
+        IFS='|' read -r name down up cpu rtt <<<"$r"
+        echo "| $name | $down | $up | $(eff "$down" "$WG_SUM_DOWN") | $(eff "$up" "$WG_SUM_UP") | $rtt | $cpu |"
     done
 } | tee ${OUTPUT:+"$OUTPUT"}

@@ -171,7 +171,7 @@ lab_start_emulator() {
     local common="delay_ms=${LAB_LINK_DELAY[$i]} jitter_ms=${LAB_LINK_JITTER[$i]} loss_pct=${LAB_LINK_LOSS[$i]} queue_ms=${LAB_LINK_QUEUE[$i]}"
     local pidfile="$LAB_STATE/emu-$tag.pid"
     ip netns exec "$(lab_ns emu)" "$bin" run --a "s${s}w${i}a" --b "s${s}w${i}b" \
-        --control "$LAB_STATE/emu-$tag.sock" --pid-file "$pidfile" --seed "$((s * 100 + i + 1))" \
+        --control "$LAB_STATE/emu-$tag.sock" --pid-file "$pidfile" --seed "$((s * 100 + i + 1))" --realtime \
         --set "up $common rate_mbit=${LAB_LINK_UPRATE[$i]}" \
         --set "down $common rate_mbit=${LAB_LINK_RATE[$i]}" \
         >"$LAB_STATE/emu-$tag.log" 2>&1 &

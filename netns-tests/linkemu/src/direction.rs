@@ -185,18 +185,42 @@ fn wait(rx: &PacketSocket, waker: &Waker, timeout: Option<Duration>) -> io::Resu
     Ok(())
 }
 
+/// Real-time priority asked for with `--realtime`: above ordinary processes, low among RT ones.
+const REALTIME_PRIORITY: libc::c_int = 10;
+
+/// Puts the calling thread in SCHED_FIFO, so that busy neighbours (builds, iperf3) do not delay
+/// frame releases; the thread sleeps between frames, so it cannot starve the machine.
+fn make_realtime(name: &str) {
+    let param = libc::sched_param {
+        sched_priority: REALTIME_PRIORITY,
+    };
+    // SAFETY: pthread_self() is the calling thread; param is a valid sched_param.
+    let ret =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if ret != 0 {
+        eprintln!(
+            "linkemu: {name}: no real-time priority ({}); release times may slip under load",
+            io::Error::from_raw_os_error(ret)
+        );
+    }
+}
+
 /// Moves frames from `rx` to `tx` through a shaper until `stop` is set.
 pub fn run(
     shared: &DirShared,
     rx: &PacketSocket,
     tx: &PacketSocket,
     seed: u64,
+    realtime: bool,
     stop: &AtomicBool,
 ) -> io::Result<()> {
     // Release times are microseconds apart at 100 Mbit/s: ask for 1 us timer slack instead of
     // the default 50 us. Failure only costs precision.
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
+    if realtime {
+        make_realtime(shared.name);
+    }
     let stats = &shared.stats;
     let initial = shared
         .params

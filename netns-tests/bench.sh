@@ -61,8 +61,8 @@ rtt_percentiles() {
                    printf "%.1f %.1f", v[a], v[b] }'
 }
 
-# measure DST SRC [extra iperf3 args...]: down (-R, with pings alongside) then up; sets DOWN,
-# UP, P50, P95 (RTT under the download), GB (both directions).
+# measure DST SRC [extra iperf3 args...]: down (-R, with pings alongside), up, then down with 4
+# streams; sets DOWN, UP, DOWN4, P50, P95 (RTT under the download), GB (all three together).
 measure() {
     local dst=$1 src=$2 pings="$LAB_STATE/bench-ping.txt" ping_pid
     shift 2
@@ -73,10 +73,11 @@ measure() {
     wait "$ping_pid" 2>/dev/null
     read -r P50 P95 < <(rtt_percentiles "$pings")
     UP=$(t_iperf site1 "$src" "$dst" "$DURATION" "$@")
-    GB=$(t_calc "(${DOWN:-0} + ${UP:-0}) * $DURATION / 8 / 1000")
+    DOWN4=$(t_iperf site1 "$src" "$dst" "$DURATION" -R -P 4 "$@")
+    GB=$(t_calc "(${DOWN:-0} + ${UP:-0} + ${DOWN4:-0}) * $DURATION / 8 / 1000")
 }
 
-row() { ROWS+=("$1|${2:-?}|${3:-?}|${4:-}|${5:-}"); }
+row() { ROWS+=("$1|${2:-?}|${3:-?}|${4:-}|${5:-}|${DOWN4:-}"); }
 
 # 1. Each link alone, no tunnel.
 for i in "${!LAB_LINK_NAME[@]}"; do
@@ -118,7 +119,7 @@ for i in "${!LAB_LINK_NAME[@]}"; do
     lab_exec site1 ip rule add fwmark "$mark" lookup $((100 + i)) priority $((900 + i))
     lab_exec site1 wg set "$WG_IF_SITE" fwmark "$mark"
     if ! lab_exec site1 ping -n -q -c 3 -i 0.5 -w 10 "$WG_HUB" >/dev/null 2>&1; then
-        row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "no handshake" "no handshake"
+        DOWN4="" row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "no handshake" "no handshake"
         continue
     fi
     before=$(cpu_of "${WG_PIDS[@]}")
@@ -153,13 +154,14 @@ DOWN=$(mptcp_iperf -R)
 wait "$ping_pid" 2>/dev/null
 read -r P50 P95 < <(rtt_percentiles "$LAB_STATE/bench-ping.txt")
 UP=$(mptcp_iperf)
+DOWN4=$(mptcp_iperf -R -P 4)
 row "kernel MPTCP, one subflow per WAN" "$DOWN" "$UP" "" "$P50 / $P95"
 
 # 4. wgbond (only with --wgbond: needs a working daemon).
 if ((WITH_WGBOND)); then
     WGBOND=${WGBOND:-$LAB_REPO/target/release/wgbond}
     if [[ ! -x $WGBOND ]]; then
-        row "wgbond" "not built ($WGBOND)" ""
+        DOWN4="" row "wgbond" "not built ($WGBOND)" ""
     else
         hub_key=$("$WGBOND" genkey) site_key=$("$WGBOND" genkey)
         hub_pub=$("$WGBOND" pubkey <<<"$hub_key") site_pub=$("$WGBOND" pubkey <<<"$site_key")
@@ -203,7 +205,7 @@ EOF
                 after=$(cpu_of "$hub_pid" "$site_pid")
                 row "wgbond $mode" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
             else
-                row "wgbond $mode" "no tunnel" "no tunnel"
+                DOWN4="" row "wgbond $mode" "no tunnel" "no tunnel"
             fi
             lab_kill_pids "$hub_pid" "$site_pid"
         done
@@ -216,10 +218,10 @@ eff() { [[ $1 =~ ^[0-9.]+$ ]] && awk -v v="$1" -v s="$2" 'BEGIN { if (s > 0) pri
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), commit $(git -C "$LAB_REPO" rev-parse --short HEAD 2>/dev/null || echo '?')."
     echo "Efficiency = goodput / sum of the single-link wireguard-go goodputs ($WG_SUM_DOWN down, $WG_SUM_UP up)."
     echo
-    echo "| path | down Mbit/s | up Mbit/s | efficiency down | efficiency up | ping p50 / p95 ms during download | CPU s/GB (both ends) |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| path | down Mbit/s | up Mbit/s | efficiency down | efficiency up | 4 streams down | ping p50 / p95 ms during download | CPU s/GB (both ends) |"
+    echo "|---|---|---|---|---|---|---|---|"
     for r in "${ROWS[@]}"; do
-        IFS='|' read -r name down up cpu rtt <<<"$r"
-        echo "| $name | $down | $up | $(eff "$down" "$WG_SUM_DOWN") | $(eff "$up" "$WG_SUM_UP") | $rtt | $cpu |"
+        IFS='|' read -r name down up cpu rtt down4 <<<"$r"
+        echo "| $name | $down | $up | $(eff "$down" "$WG_SUM_DOWN") | $(eff "$up" "$WG_SUM_UP") | $down4 | $rtt | $cpu |"
     done
 } | tee ${OUTPUT:+"$OUTPUT"}

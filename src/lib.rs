@@ -23,3 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod bond;
+pub mod cli;
+pub mod config;
+pub mod io;
+pub mod keys;

@@ -1,4 +1,6 @@
 //! The `wgbond` command.
-fn main() {
-    println!("wgbond {}", env!("CARGO_PKG_VERSION"));
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    wgbond::cli::run(wgbond::cli::Cli::parse())
 }

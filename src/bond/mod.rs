@@ -18,9 +18,19 @@
 //!
 //! Every `poll_*` result may change after any `handle_*` call, and after time passes.
 
+pub mod estimator;
+pub mod reorder;
+pub mod scheduler;
+pub mod sim;
 pub mod wire;
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use estimator::{LinkEstimator, RxLinkMeter};
+use reorder::ReorderBuffer;
+use scheduler::Candidate;
+use wire::{Control, Message};
 
 /// A link's number on the side that owns it (the site numbers its links 0..N in config order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -147,6 +157,8 @@ pub struct LinkStats {
     pub min_rtt: Option<Duration>,
     /// RTT mean deviation.
     pub rttvar: Option<Duration>,
+    /// One-way-delay variation the peer measured on our packets.
+    pub jitter: Option<Duration>,
     /// Loss rate of our data on this link, 0..1, over the last second or so.
     pub loss: f64,
     /// Estimated capacity, bits per second.
@@ -188,4 +200,670 @@ pub struct BondStats {
     pub malformed: u64,
     /// Current adaptive reorder timeout.
     pub reorder_timeout: Duration,
+    /// Longest time a packet waited in the reorder buffer.
+    pub reorder_max_wait_seen: Duration,
+}
+
+/// How often the receiver reports what it got.
+pub const FEEDBACK_INTERVAL: Duration = Duration::from_millis(20);
+/// Pacing may fall this far behind the clock before credit is lost, so that a driver woken
+/// with millisecond timers can still send at full rate.
+const PACING_BURST: Duration = Duration::from_millis(2);
+/// Hello resend interval until acknowledged, and refresh interval after.
+const HELLO_RETRY: Duration = Duration::from_secs(1);
+const HELLO_REFRESH: Duration = Duration::from_secs(10);
+/// Lowest adaptive reorder timeout.
+const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
+/// Bytes WireGuard, UDP and IP add to every datagram, for pacing on the wire.
+pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
+/// Links with data within this time count for the reorder timeout.
+const RECENT_DATA: Duration = Duration::from_secs(1);
+
+struct Queued {
+    seq: u64,
+    flags: u8,
+    data: Vec<u8>,
+}
+
+struct Link {
+    id: LinkId,
+    config: LinkConfig,
+    est: LinkEstimator,
+    rx: RxLinkMeter,
+    queue: VecDeque<Queued>,
+    queued_bytes: usize,
+    control: VecDeque<Vec<u8>>,
+    next_send: Instant,
+    link_seq: u32,
+    probe_seq: u32,
+    next_probe: Instant,
+    hello_acked: bool,
+    next_hello: Instant,
+    app_limited: bool,
+    stats: LinkStats,
+}
+
+impl Link {
+    /// How long a packet queued now waits before it leaves the link's bottleneck: behind our
+    /// pacing queue, or behind what the modem still has to send (predicted from the
+    /// estimated rate), whichever is longer. The queue drains at the estimated rate on
+    /// average: the pacing gain cycles around it, and using the momentary gain would be
+    /// wrong for every packet that waits through a phase change.
+    fn queue_delay(&self, now: Instant) -> Duration {
+        let bits = (self.queued_bytes + self.queue.len() * TUNNEL_OVERHEAD) as u64 * 8;
+        let rate = self.est.est_rate_bps();
+        let drain = Duration::from_nanos(bits.saturating_mul(1_000_000_000) / rate.max(1));
+        let paced = drain + self.next_send.saturating_duration_since(now);
+        let modem = self.est.modem_queue(now) + drain;
+        paced.max(modem)
+    }
+}
+
+/// One end of a bonded connection to one peer. See the module documentation.
+pub struct Bond {
+    config: BondConfig,
+    epoch: Instant,
+    links: Vec<Link>,
+    next_seq: u64,
+    reorder: ReorderBuffer,
+    reorder_deadline: Option<Instant>,
+    events: VecDeque<Event>,
+    stats: BondStats,
+    pool: Vec<Vec<u8>>,
+    rr: usize,
+    next_feedback: Option<Instant>,
+    peer_bond_id: Option<u64>,
+    cands: Vec<Candidate>,
+    /// Added to the reorder timeout while packets keep arriving after their gap was skipped
+    /// (the timeout was too short), decaying when they stop.
+    reorder_extra: Duration,
+    late_seen: u64,
+}
+
+impl Bond {
+    /// A bond with no links yet.
+    pub fn new(config: BondConfig, now: Instant) -> Self {
+        let reorder = ReorderBuffer::new(
+            config.reorder_max_packets,
+            config.reorder_max_bytes,
+            config.reorder_max_wait.min(Duration::from_millis(50)),
+        );
+        Self {
+            config,
+            epoch: now,
+            links: Vec::new(),
+            next_seq: 0,
+            reorder,
+            reorder_deadline: None,
+            events: VecDeque::new(),
+            stats: BondStats::default(),
+            pool: Vec::new(),
+            rr: 0,
+            next_feedback: None,
+            peer_bond_id: None,
+            cands: Vec::new(),
+            reorder_extra: Duration::ZERO,
+            late_seen: 0,
+        }
+    }
+
+    /// The scheduling mode.
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
+    /// Changes the scheduling mode (config reload).
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.config.mode = mode;
+    }
+
+    /// Adds a link (site: from config; hub: when a hello names it). Replaces its settings if
+    /// it exists.
+    pub fn add_link(&mut self, id: LinkId, config: LinkConfig, now: Instant) {
+        if let Some(l) = self.links.iter_mut().find(|l| l.id == id) {
+            l.config = config;
+            return;
+        }
+        let est = LinkEstimator::new(now, config.max_rate_bps);
+        self.links.push(Link {
+            id,
+            stats: LinkStats {
+                name: config.name.clone(),
+                ..LinkStats::default()
+            },
+            config,
+            est,
+            rx: RxLinkMeter::default(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            control: VecDeque::new(),
+            next_send: now,
+            link_seq: 0,
+            probe_seq: 0,
+            next_probe: now,
+            hello_acked: false,
+            next_hello: now,
+            app_limited: true,
+        });
+        self.links.sort_by_key(|l| l.id);
+    }
+
+    /// Removes a link; packets queued on it are rescheduled on the others.
+    pub fn remove_link(&mut self, id: LinkId, now: Instant) {
+        let Some(i) = self.links.iter().position(|l| l.id == id) else {
+            return;
+        };
+        let mut link = self.links.remove(i);
+        self.reschedule(&mut link.queue, now);
+    }
+
+    /// Ids of the current links.
+    pub fn link_ids(&self) -> Vec<LinkId> {
+        self.links.iter().map(|l| l.id).collect()
+    }
+
+    /// Asks for the hello to be sent again on a link (e.g. after a new handshake).
+    pub fn rehello(&mut self, id: LinkId, now: Instant) {
+        if let Some(l) = self.links.iter_mut().find(|l| l.id == id) {
+            l.hello_acked = false;
+            l.next_hello = now;
+        }
+    }
+
+    fn micros(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_micros() as u32
+    }
+
+    fn take_buf(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_default()
+    }
+
+    fn give_buf(&mut self, buf: Vec<u8>) {
+        if self.pool.len() < 1024 {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Builds the scheduler's view of every link.
+    fn fill_candidates(&mut self, now: Instant) {
+        self.cands.clear();
+        // Expected one-way delay: the link's base delay relative to the fastest link, from the
+        // peer's measurements when every link has them (clock offsets cancel in differences),
+        // else half the RTT. Queueing is in `queue_delay`.
+        let all_owd = self.links.iter().all(|l| l.est.base_owd_us().is_some());
+        let base = self
+            .links
+            .iter()
+            .filter_map(|l| l.est.base_owd_us().map(|o| o as u32))
+            .reduce(|a, b| if (b.wrapping_sub(a) as i32) < 0 { b } else { a });
+        for (index, l) in self.links.iter().enumerate() {
+            let base_owd = match (all_owd, l.est.base_owd_us(), base) {
+                (true, Some(o), Some(b)) => {
+                    Duration::from_micros(u64::from((o as u32).wrapping_sub(b)).min(10_000_000))
+                }
+                _ => l.est.min_rtt().unwrap_or(Duration::from_millis(100)) / 2,
+            };
+            let owd = base_owd;
+            self.cands.push(Candidate {
+                index,
+                state: l.est.state(),
+                priority: l.config.priority,
+                queue_delay: l.queue_delay(now),
+                owd,
+                loss: l.est.loss(),
+            });
+        }
+    }
+
+    /// Takes one inner IP packet from TUN and queues it on the link(s) the scheduler picks.
+    pub fn handle_outbound(&mut self, packet: &[u8], now: Instant) {
+        if wire::ip_packet_len(packet) != Ok(packet.len()) {
+            self.stats.malformed += 1;
+            return;
+        }
+        self.stats.sent_packets += 1;
+        // A packet dropped here takes no sequence number, so the receiver sees no gap.
+        if self.enqueue(self.next_seq, packet, None, now) {
+            self.next_seq += 1;
+        }
+    }
+
+    /// Schedules one packet; `data` is a buffer holding it already (rescheduling). False if
+    /// no link took it.
+    fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) -> bool {
+        self.fill_candidates(now);
+        let critical = self.config.mode == Mode::Auto && scheduler::is_critical(packet);
+        let targets = scheduler::choose(self.config.mode, &self.cands, critical);
+        let flags = if targets.is_duplicate() {
+            wire::FLAG_DUPLICATE
+        } else {
+            0
+        };
+        let mut data = data;
+        let mut sent = false;
+        let budget = self.config.max_queue_delay;
+        for &i in targets.as_slice() {
+            if self.cands[i].queue_delay > budget {
+                self.links[i].stats.queue_drops += 1;
+                continue;
+            }
+            let mut buf = match data.take() {
+                Some(b) => b,
+                None => {
+                    let mut b = self.take_buf();
+                    b.clear();
+                    b.extend_from_slice(packet);
+                    b
+                }
+            };
+            if buf.len() != packet.len() {
+                buf.clear();
+                buf.extend_from_slice(packet);
+            }
+            let link = &mut self.links[i];
+            link.queued_bytes += buf.len();
+            if flags != 0 {
+                link.stats.tx_duplicates += 1;
+            }
+            link.queue.push_back(Queued {
+                seq,
+                flags,
+                data: buf,
+            });
+            sent = true;
+        }
+        if let Some(b) = data {
+            self.give_buf(b);
+        }
+        if !sent {
+            self.stats.send_drops += 1;
+        }
+        sent
+    }
+
+    /// Puts the packets of a queue that can no longer send (link down or removed) on other
+    /// links, in their original order.
+    fn reschedule(&mut self, queue: &mut VecDeque<Queued>, now: Instant) {
+        while let Some(q) = queue.pop_front() {
+            if q.flags & wire::FLAG_DUPLICATE != 0 {
+                // Other copies are on their way.
+                self.give_buf(q.data);
+                continue;
+            }
+            let copy = q.data.clone();
+            let _ = self.enqueue(q.seq, &copy, Some(q.data), now);
+        }
+    }
+
+    fn link_index(&self, id: LinkId) -> Option<usize> {
+        self.links.iter().position(|l| l.id == id)
+    }
+
+    fn push_control(&mut self, index: usize, msg: &Control) {
+        let mut buf = self.take_buf();
+        wire::encode_control(msg, &mut buf);
+        self.links[index].control.push_back(buf);
+    }
+
+    /// Takes one decrypted plaintext (the whole of it) that arrived on `link`. A plaintext
+    /// that does not decode is counted and dropped.
+    pub fn handle_inbound(
+        &mut self,
+        link: LinkId,
+        plaintext: &[u8],
+        now: Instant,
+    ) -> Result<(), wire::DecodeError> {
+        let msg = match wire::decode(plaintext) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                return Err(e);
+            }
+        };
+        let Some(i) = self.link_index(link) else {
+            // The driver adds links before passing their traffic; anything else is dropped.
+            self.stats.malformed += 1;
+            return Ok(());
+        };
+        {
+            let l = &mut self.links[i];
+            l.stats.rx_packets += 1;
+            l.stats.rx_bytes += plaintext.len() as u64;
+        }
+        match msg {
+            Message::Data { packet, trailer } => {
+                let owd = self.micros(now).wrapping_sub(trailer.send_time_us);
+                self.links[i]
+                    .rx
+                    .on_data(trailer.link_seq, plaintext.len(), owd, now);
+                self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
+                self.reorder.insert(trailer.seq, packet, now);
+                let late = self.reorder.stats().late;
+                if late > self.late_seen {
+                    // A packet came after its gap was given up: wait longer from now on.
+                    self.late_seen = late;
+                    self.reorder_extra = (self.reorder_extra * 3 / 2 + Duration::from_millis(2))
+                        .min(self.config.reorder_max_wait);
+                    self.update_reorder_timeout(now);
+                }
+                self.reorder_deadline = self.reorder.deadline();
+            }
+            Message::Control(c) => self.handle_control(i, c, now),
+        }
+        Ok(())
+    }
+
+    fn handle_control(&mut self, i: usize, c: Control, now: Instant) {
+        let link_id = self.links[i].id;
+        match c {
+            Control::Probe(p) => {
+                let reply = Control::ProbeReply(wire::ProbeReply {
+                    link_id: p.link_id,
+                    probe_seq: p.probe_seq,
+                    echo_time_us: p.send_time_us,
+                    hold_us: 0,
+                });
+                self.push_control(i, &reply);
+            }
+            Control::ProbeReply(r) => {
+                let rtt_us = self
+                    .micros(now)
+                    .wrapping_sub(r.echo_time_us)
+                    .wrapping_sub(r.hold_us);
+                // A reply from the far past or future (corrupt or replayed) is no sample.
+                if rtt_us < 60_000_000 {
+                    let l = &mut self.links[i];
+                    l.est
+                        .on_rtt_sample(Duration::from_micros(u64::from(rtt_us)), now);
+                    if let Some(state) = l.est.update_state(now) {
+                        self.events.push_back(Event::LinkState {
+                            link: link_id,
+                            state,
+                        });
+                    }
+                }
+            }
+            Control::Feedback(fb) => {
+                for e in &fb.entries {
+                    let Some(j) = self.link_index(LinkId(e.link_id)) else {
+                        continue;
+                    };
+                    let l = &mut self.links[j];
+                    let app_limited = l.app_limited;
+                    l.est.on_feedback(e, fb.recv_time_us, now, app_limited);
+                    l.app_limited = l.queue.is_empty();
+                }
+            }
+            Control::Hello(h) => {
+                if self.peer_bond_id.is_some_and(|b| b != h.bond_id) {
+                    // The peer restarted: its numbering starts again.
+                    self.reorder.reset();
+                    for l in &mut self.links {
+                        l.rx.reset();
+                    }
+                }
+                self.peer_bond_id = Some(h.bond_id);
+                self.links[i].stats.name.clone_from(&h.name);
+                self.links[i].config.name.clone_from(&h.name);
+                let ack = Control::HelloAck {
+                    link_id: h.link_id,
+                    bond_id: h.bond_id,
+                };
+                self.push_control(i, &ack);
+                self.events.push_back(Event::Hello {
+                    link: link_id,
+                    hello: h,
+                });
+            }
+            Control::HelloAck { bond_id, .. } => {
+                if bond_id == self.config.bond_id && !self.links[i].hello_acked {
+                    self.links[i].hello_acked = true;
+                    self.links[i].next_hello = now + HELLO_REFRESH;
+                    self.events.push_back(Event::HelloAcked { link: link_id });
+                }
+            }
+        }
+    }
+
+    /// Runs timers: probes, hellos, feedback, liveness, reorder timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.links.len() {
+            let id = self.links[i].id;
+            if let Some(state) = self.links[i].est.update_state(now) {
+                self.events.push_back(Event::LinkState { link: id, state });
+                if state == LinkState::Down && self.links.len() > 1 {
+                    let mut q = std::mem::take(&mut self.links[i].queue);
+                    self.links[i].queued_bytes = 0;
+                    self.reschedule(&mut q, now);
+                }
+            }
+            if now >= self.links[i].next_probe {
+                let l = &mut self.links[i];
+                l.probe_seq = l.probe_seq.wrapping_add(1);
+                let probe = Control::Probe(wire::Probe {
+                    link_id: id.0,
+                    probe_seq: l.probe_seq,
+                    send_time_us: now.saturating_duration_since(self.epoch).as_micros() as u32,
+                });
+                l.est.on_probe_sent(now);
+                let interval = if l.est.overdue(now) {
+                    l.est.fast_probe_interval()
+                } else {
+                    l.est.probe_interval(self.config.probe_interval)
+                };
+                l.next_probe = now + interval;
+                self.push_control(i, &probe);
+            }
+            if self.config.sends_hello && now >= self.links[i].next_hello {
+                let l = &mut self.links[i];
+                l.next_hello = now
+                    + if l.hello_acked {
+                        HELLO_REFRESH
+                    } else {
+                        HELLO_RETRY
+                    };
+                let hello = Control::Hello(wire::Hello {
+                    link_id: id.0,
+                    bond_id: self.config.bond_id,
+                    name: l.config.name.clone(),
+                });
+                self.push_control(i, &hello);
+            }
+        }
+        if self.next_feedback.is_some_and(|t| now >= t) {
+            self.next_feedback = None;
+            self.send_feedback(now);
+            self.reorder_extra = self.reorder_extra * 63 / 64;
+            self.update_reorder_timeout(now);
+        }
+        self.reorder.handle_timeout(now);
+        self.reorder_deadline = self.reorder.deadline();
+    }
+
+    fn send_feedback(&mut self, now: Instant) {
+        let fb = Control::Feedback(wire::Feedback {
+            recv_time_us: self.micros(now),
+            entries: self
+                .links
+                .iter()
+                .filter(|l| l.rx.packets > 0)
+                .take(wire::MAX_FEEDBACK_ENTRIES)
+                .map(|l| l.rx.entry(l.id.0))
+                .collect(),
+        });
+        let mut buf = self.take_buf();
+        wire::encode_control(&fb, &mut buf);
+        // On every link that carried data since the last report, so that the report survives
+        // any one link dying.
+        for l in &mut self.links {
+            if l.rx.dirty {
+                l.rx.dirty = false;
+                l.control.push_back(buf.clone());
+            }
+        }
+        self.give_buf(buf);
+    }
+
+    /// Sets the reorder timeout from the spread of one-way delays and the jitter of the links
+    /// that carried data recently.
+    fn update_reorder_timeout(&mut self, now: Instant) {
+        let recent = self.links.iter().filter(|l| {
+            l.rx.last_data
+                .is_some_and(|t| now.saturating_duration_since(t) < RECENT_DATA)
+        });
+        let mut base: Option<u32> = None;
+        let mut spread: i64 = 0;
+        let mut jitter: u64 = 0;
+        // Base delays (recent minimum) set the spread: queueing is the sender's to predict.
+        let owds: Vec<(u32, u64)> = recent
+            .filter_map(|l| Some((l.rx.min_owd()?, l.rx.owd()?.1)))
+            .collect();
+        for &(o, j) in &owds {
+            jitter = jitter.max(j);
+            match base {
+                None => base = Some(o),
+                Some(b) if (o.wrapping_sub(b) as i32) < 0 => base = Some(o),
+                _ => {}
+            }
+        }
+        if let Some(b) = base {
+            for &(o, _) in &owds {
+                spread = spread.max(i64::from(o.wrapping_sub(b) as i32));
+            }
+        }
+        let t = Duration::from_micros(spread as u64 + 4 * jitter)
+            + MIN_REORDER_WAIT
+            + self.reorder_extra;
+        self.reorder
+            .set_timeout(t.min(self.config.reorder_max_wait));
+    }
+
+    /// The next datagram to send: its plaintext is written to `buf`. Control messages go at
+    /// once; data leaves each link at that link's pacing rate.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let n = self.links.len();
+        for k in 0..n {
+            let i = (self.rr + k) % n;
+            if let Some(mut c) = self.links[i].control.pop_front() {
+                std::mem::swap(buf, &mut c);
+                self.give_buf(c);
+                let l = &mut self.links[i];
+                l.stats.tx_bytes += buf.len() as u64;
+                self.rr = (i + 1) % n;
+                return Some(Transmit { link: l.id });
+            }
+        }
+        let send_time_us = self.micros(now);
+        for k in 0..n {
+            let i = (self.rr + k) % n;
+            let l = &mut self.links[i];
+            if l.next_send > now {
+                continue;
+            }
+            let Some(q) = l.queue.pop_front() else {
+                continue;
+            };
+            l.queued_bytes -= q.data.len();
+            if l.queue.is_empty() {
+                l.app_limited = true;
+            }
+            let trailer = wire::Trailer {
+                seq: q.seq,
+                link_seq: l.link_seq,
+                send_time_us,
+                link_id: l.id.0,
+                flags: q.flags,
+            };
+            l.link_seq = l.link_seq.wrapping_add(1);
+            wire::encode_data(&q.data, &trailer, buf);
+            l.est.on_sent(buf.len() + TUNNEL_OVERHEAD, now);
+            let wire_bits = (buf.len() + TUNNEL_OVERHEAD) as u64 * 8;
+            let tx =
+                Duration::from_nanos(wire_bits * 1_000_000_000 / l.est.pacing_rate_bps().max(1));
+            l.next_send = l.next_send.max(now - PACING_BURST.min(now - self.epoch)) + tx;
+            l.stats.tx_packets += 1;
+            l.stats.tx_bytes += buf.len() as u64;
+            let id = l.id;
+            self.rr = (i + 1) % n;
+            self.give_buf(q.data);
+            return Some(Transmit { link: id });
+        }
+        None
+    }
+
+    /// Moves the next inner packet for TUN into `buf`; false when there is none.
+    pub fn poll_deliver(&mut self, buf: &mut Vec<u8>) -> bool {
+        let got = self.reorder.poll_deliver(buf);
+        if got {
+            self.stats.delivered_packets += 1;
+        }
+        got
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Bond::handle_timeout`] should be called next (`now` or earlier means at once).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.reorder_deadline;
+        let mut min = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
+        if let Some(f) = self.next_feedback {
+            min(f);
+        }
+        for l in &self.links {
+            min(l.next_probe);
+            if let Some(d) = l.est.dead_deadline() {
+                min(d);
+            }
+            if self.config.sends_hello {
+                min(l.next_hello);
+            }
+            if !l.queue.is_empty() || !l.control.is_empty() {
+                min(if l.control.is_empty() {
+                    l.next_send
+                } else {
+                    self.epoch
+                });
+            }
+        }
+        t
+    }
+
+    /// Counters of the bond.
+    pub fn stats(&self) -> BondStats {
+        let r = self.reorder.stats();
+        BondStats {
+            rx_duplicates: r.duplicates + r.too_old,
+            reorder_skips: r.skipped,
+            reorder_late: r.late,
+            reorder_waits: r.waited,
+            reorder_timeout: self.reorder.timeout(),
+            reorder_max_wait_seen: r.max_wait,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Counters and estimates of every link.
+    pub fn link_stats(&self) -> Vec<(LinkId, LinkStats)> {
+        self.links
+            .iter()
+            .map(|l| {
+                let mut s = l.stats.clone();
+                s.state = Some(l.est.state());
+                s.srtt = l.est.srtt();
+                s.min_rtt = l.est.min_rtt();
+                s.rttvar = l.est.srtt().map(|_| l.est.rttvar());
+                s.loss = l.est.loss();
+                s.est_rate_bps = l.est.est_rate_bps();
+                s.pacing_rate_bps = l.est.pacing_rate_bps();
+                s.jitter = l
+                    .est
+                    .owd_us()
+                    .map(|(_, j)| Duration::from_micros(u64::from(j)));
+                (l.id, s)
+            })
+            .collect()
+    }
 }

@@ -207,7 +207,10 @@ pub fn ip_packet_len(buf: &[u8]) -> Result<usize, DecodeError> {
                 return Err(DecodeError::Truncated);
             }
             let ihl = usize::from(first & 0x0f) * 4;
-            (usize::from(u16::from_be_bytes([buf[2], buf[3]])), ihl.max(20))
+            (
+                usize::from(u16::from_be_bytes([buf[2], buf[3]])),
+                ihl.max(20),
+            )
         }
         6 => {
             if buf.len() < 40 {
@@ -634,7 +637,11 @@ mod tests {
             for len in 20..out.len() {
                 let mut t = out[..len].to_vec();
                 t[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                assert_eq!(decode(&t), Err(DecodeError::BadControlLength), "{msg:?} {len}");
+                assert_eq!(
+                    decode(&t),
+                    Err(DecodeError::BadControlLength),
+                    "{msg:?} {len}"
+                );
             }
             // One byte too many.
             let mut t = out.clone();

@@ -1,0 +1,600 @@
+//! Per-link measurement: RTT from probes, loss and delivery rate from receiver feedback,
+//! liveness, and the pacing rate derived from them.
+//!
+//! Capacity is found the way BBR finds it: the delivery rate the receiver reports is fed to a
+//! max filter over the last [`RATE_WINDOW`]; the link is paced at that estimate times a gain
+//! that starts high (startup), then cycles gently above and below 1 so that spare capacity is
+//! found and the modem's queue is drained again.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::LinkState;
+
+/// How long delivery-rate samples count for the capacity estimate: a link that slows down is
+/// noticed within this time.
+pub const RATE_WINDOW: Duration = Duration::from_millis(750);
+/// Window over which loss is measured.
+pub const LOSS_WINDOW: Duration = Duration::from_secs(1);
+/// Rate assumed before any measurement.
+pub const INITIAL_RATE_BPS: u64 = 8_000_000;
+/// Lowest rate a link is ever paced at, so that a link can always show it got faster.
+pub const MIN_RATE_BPS: u64 = 500_000;
+/// Loss above which a link counts as degraded.
+pub const DEGRADED_LOSS: f64 = 0.10;
+/// Replies in a row needed before a link that was down is used again.
+const RECOVERY_REPLIES: u32 = 3;
+
+/// Gain cycle once the capacity is known: probe above, drain below, cruise.
+const CYCLE_GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+const STARTUP_GAIN: f64 = 2.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Startup,
+    Drain,
+    Cycle(usize),
+}
+
+/// What the sender knows about one of its links.
+#[derive(Debug)]
+pub struct LinkEstimator {
+    state: LinkState,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    latest_rtt: Duration,
+    min_rtt: Option<(Duration, Instant)>,
+    /// Last time the peer proved that our packets on this link arrive (probe reply or feedback
+    /// acknowledging new data).
+    last_ack: Option<Instant>,
+    /// Oldest probe sent since the last ack.
+    unanswered_since: Option<Instant>,
+    recovery_replies: u32,
+    /// (time, sent, lost) per feedback interval.
+    loss_samples: VecDeque<(Instant, u64, u64)>,
+    loss: f64,
+    /// (time, bits per second) delivery-rate samples.
+    rate_samples: VecDeque<(Instant, u64)>,
+    est_rate_bps: u64,
+    max_rate_bps: Option<u64>,
+    phase: Phase,
+    phase_start: Instant,
+    startup_best: u64,
+    startup_rounds_flat: u32,
+    /// Last feedback entry processed: (receiver time, highest link seq, packets, bytes).
+    last_feedback: Option<(u32, u32, u32, u64)>,
+    /// Start of the current delivery-rate sample: (receiver time, bytes, app-limited).
+    rate_base: Option<(u32, u64, bool)>,
+    /// Relative one-way delay and jitter the peer measured for this link, microseconds.
+    owd_us: Option<i32>,
+    min_owd_us: Option<i32>,
+    jitter_us: u32,
+    /// When the link's bottleneck (the modem) would have sent everything we gave it, if it
+    /// runs at the estimated rate: our prediction of its queue.
+    modem_busy_until: Instant,
+}
+
+impl LinkEstimator {
+    /// A new link, probing, with an optional configured rate cap.
+    pub fn new(now: Instant, max_rate_bps: Option<u64>) -> Self {
+        let start = max_rate_bps.map_or(INITIAL_RATE_BPS, |m| m.min(INITIAL_RATE_BPS));
+        Self {
+            state: LinkState::Probing,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            latest_rtt: Duration::ZERO,
+            min_rtt: None,
+            last_ack: None,
+            unanswered_since: None,
+            recovery_replies: 0,
+            loss_samples: VecDeque::new(),
+            loss: 0.0,
+            rate_samples: VecDeque::new(),
+            est_rate_bps: start,
+            max_rate_bps,
+            phase: Phase::Startup,
+            phase_start: now,
+            startup_best: 0,
+            startup_rounds_flat: 0,
+            last_feedback: None,
+            rate_base: None,
+            owd_us: None,
+            min_owd_us: None,
+            jitter_us: 0,
+            modem_busy_until: now,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> LinkState {
+        self.state
+    }
+
+    /// True if the scheduler may put data on this link.
+    pub fn usable(&self) -> bool {
+        matches!(self.state, LinkState::Up | LinkState::Degraded)
+    }
+
+    /// Smoothed RTT.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// RTT mean deviation.
+    pub fn rttvar(&self) -> Duration {
+        self.rttvar
+    }
+
+    /// Lowest recent RTT.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt.map(|(d, _)| d)
+    }
+
+    /// Loss rate of our data on this link over the last [`LOSS_WINDOW`].
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    /// Estimated capacity in bits per second.
+    pub fn est_rate_bps(&self) -> u64 {
+        self.est_rate_bps
+    }
+
+    /// One-way delay reported by the peer (relative: compare links, not absolute), and jitter.
+    pub fn owd_us(&self) -> Option<(i32, u32)> {
+        self.owd_us.map(|o| (o, self.jitter_us))
+    }
+
+    /// Lowest one-way delay reported by the peer (relative, wrapping; compare links only).
+    pub fn base_owd_us(&self) -> Option<i32> {
+        self.min_owd_us
+    }
+
+    /// Predicted queueing delay at the link's bottleneck for a packet sent now.
+    pub fn modem_queue(&self, now: Instant) -> Duration {
+        self.modem_busy_until.saturating_duration_since(now)
+    }
+
+    /// Accounts a datagram of `wire_bytes` sent now in the predicted bottleneck queue.
+    pub fn on_sent(&mut self, wire_bytes: usize, now: Instant) {
+        // In startup the capacity is unknown and deliberately exceeded: assume no queue.
+        let rate = if self.phase == Phase::Startup {
+            self.pacing_rate_bps()
+        } else {
+            self.est_rate_bps
+        }
+        .max(MIN_RATE_BPS);
+        let tx = Duration::from_nanos(wire_bytes as u64 * 8 * 1_000_000_000 / rate);
+        self.modem_busy_until = self.modem_busy_until.max(now) + tx;
+    }
+
+    /// Rate to pace this link at, bits per second.
+    pub fn pacing_rate_bps(&self) -> u64 {
+        let gain = match self.phase {
+            Phase::Startup => STARTUP_GAIN,
+            Phase::Drain => 0.75,
+            Phase::Cycle(i) => CYCLE_GAINS[i],
+        };
+        let rate = (self.est_rate_bps as f64 * gain) as u64;
+        let rate = rate.max(MIN_RATE_BPS);
+        match self.max_rate_bps {
+            Some(m) => rate.min(m),
+            None => rate,
+        }
+    }
+
+    /// Time after which the link counts as dead without an ack: about 3 RTT + 100 ms, less a
+    /// margin for the reply that was already on its way when the link died.
+    pub fn dead_timeout(&self) -> Duration {
+        let srtt = self.srtt.unwrap_or(Duration::from_millis(100));
+        (2 * srtt + 4 * self.rttvar + Duration::from_millis(90))
+            .min(3 * srtt + Duration::from_millis(90))
+    }
+
+    /// How often to probe a quiet link: at least three probes per dead timeout.
+    pub fn probe_interval(&self, configured: Duration) -> Duration {
+        if self.state == LinkState::Down {
+            return configured;
+        }
+        configured
+            .min(self.dead_timeout() / 4)
+            .max(Duration::from_millis(10))
+    }
+
+    /// A probe is overdue: its reply should have come by now. Probe fast until it does.
+    pub fn overdue(&self, now: Instant) -> bool {
+        match (self.unanswered_since, self.srtt) {
+            (Some(since), Some(srtt)) => {
+                now.saturating_duration_since(since)
+                    > srtt + 4 * self.rttvar + Duration::from_millis(10)
+            }
+            (Some(since), None) => now.saturating_duration_since(since) > Duration::from_secs(1),
+            _ => false,
+        }
+    }
+
+    /// Interval between probes while one is overdue.
+    pub fn fast_probe_interval(&self) -> Duration {
+        (self.srtt.unwrap_or(Duration::from_millis(40)) / 4).max(Duration::from_millis(10))
+    }
+
+    /// When the link will be declared down if nothing is heard.
+    pub fn dead_deadline(&self) -> Option<Instant> {
+        // A link that never answered is still probing: it cannot die yet.
+        if matches!(self.state, LinkState::Down) || self.srtt.is_none() {
+            return None;
+        }
+        let since = self.unanswered_since?;
+        Some(self.last_ack.unwrap_or(since) + self.dead_timeout())
+    }
+
+    /// We sent a probe.
+    pub fn on_probe_sent(&mut self, now: Instant) {
+        self.unanswered_since.get_or_insert(now);
+    }
+
+    /// A probe reply measured `rtt`.
+    pub fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        self.latest_rtt = rtt;
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let diff = srtt.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+        // Windowed min: a sample older than 10 s is replaced by the current one, so a route
+        // change to a longer path is eventually accepted.
+        match self.min_rtt {
+            Some((m, at))
+                if m <= rtt && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
+            _ => self.min_rtt = Some((rtt, now)),
+        }
+        self.on_ack(now);
+    }
+
+    /// The peer proved it receives our packets on this link.
+    pub fn on_ack(&mut self, now: Instant) {
+        self.last_ack = Some(now);
+        self.unanswered_since = None;
+        match self.state {
+            LinkState::Down => {
+                self.recovery_replies += 1;
+                if self.recovery_replies >= RECOVERY_REPLIES {
+                    self.recovery_replies = 0;
+                    self.state = LinkState::Up;
+                    // Rediscover capacity: the link may have come back different.
+                    self.phase = Phase::Startup;
+                    self.phase_start = now;
+                    self.startup_best = 0;
+                    self.startup_rounds_flat = 0;
+                }
+            }
+            LinkState::Probing => {
+                if self.srtt.is_some() {
+                    self.state = LinkState::Up;
+                }
+            }
+            LinkState::Up | LinkState::Degraded => {}
+        }
+    }
+
+    /// Re-evaluates liveness and health; returns the new state if it changed.
+    pub fn update_state(&mut self, now: Instant) -> Option<LinkState> {
+        let before = self.state;
+        if let Some(deadline) = self.dead_deadline() {
+            if now >= deadline && self.srtt.is_some() {
+                self.state = LinkState::Down;
+                self.recovery_replies = 0;
+            }
+        }
+        if matches!(self.state, LinkState::Up | LinkState::Degraded) {
+            self.state = if self.loss > DEGRADED_LOSS || self.overdue(now) {
+                LinkState::Degraded
+            } else {
+                LinkState::Up
+            };
+        }
+        (self.state != before).then_some(self.state)
+    }
+
+    /// Processes the peer's feedback about this link. `app_limited` says our queue for the
+    /// link ran empty recently, so a low delivery rate says nothing about capacity.
+    pub fn on_feedback(
+        &mut self,
+        entry: &super::wire::FeedbackEntry,
+        recv_time_us: u32,
+        now: Instant,
+        app_limited: bool,
+    ) {
+        let prev = self.last_feedback;
+        if let Some((t, ..)) = prev {
+            // Stale (the same feedback arrives on several links): ignore.
+            if (recv_time_us.wrapping_sub(t) as i32) <= 0 {
+                return;
+            }
+        }
+        self.last_feedback = Some((
+            recv_time_us,
+            entry.highest_link_seq,
+            entry.packets,
+            entry.bytes,
+        ));
+        self.owd_us = Some(entry.owd_us);
+        self.min_owd_us = Some(entry.min_owd_us);
+        self.jitter_us = entry.jitter_us;
+        let Some((t0, hi0, pk0, by0)) = prev else {
+            return;
+        };
+        let sent = u64::from(entry.highest_link_seq.wrapping_sub(hi0));
+        let got = u64::from(entry.packets.wrapping_sub(pk0));
+        if sent > 0 && sent < 1 << 30 {
+            self.on_ack(now);
+            self.loss_samples
+                .push_back((now, sent, sent.saturating_sub(got)));
+        }
+        while self
+            .loss_samples
+            .front()
+            .is_some_and(|(at, ..)| now.saturating_duration_since(*at) > LOSS_WINDOW)
+        {
+            self.loss_samples.pop_front();
+        }
+        let (s, l) = self
+            .loss_samples
+            .iter()
+            .fold((0u64, 0u64), |(s, l), (_, si, li)| (s + si, l + li));
+        // Too few packets say little; keep the old figure until there are some.
+        if s >= 20 {
+            self.loss = l as f64 / s as f64;
+        }
+        let _ = (t0, by0);
+        // Delivery rate over at least one round: shorter samples are noisy, and a noisy
+        // high sample in the max filter would pace above capacity and build a queue.
+        let (bt, bb, blimited) =
+            *self
+                .rate_base
+                .get_or_insert((recv_time_us, entry.bytes, app_limited));
+        let limited = blimited || app_limited;
+        let dt_us = u64::from(recv_time_us.wrapping_sub(bt));
+        let bytes = entry.bytes.wrapping_sub(bb);
+        if dt_us >= 10_000_000 || bytes >= 1 << 40 {
+            self.rate_base = Some((recv_time_us, entry.bytes, app_limited));
+        } else if dt_us as u128 >= self.sample_interval().as_micros() {
+            let rate = bytes * 8 * 1_000_000 / dt_us.max(1);
+            self.rate_base = Some((recv_time_us, entry.bytes, false));
+            self.on_rate_sample(rate, now, limited);
+        } else if app_limited {
+            self.rate_base = Some((bt, bb, true));
+        }
+    }
+
+    fn sample_interval(&self) -> Duration {
+        self.round().max(Duration::from_millis(40))
+    }
+
+    /// The bottleneck queue, as the latest RTT shows it, is (nearly) empty.
+    fn queue_drained(&self) -> bool {
+        self.min_rtt()
+            .is_none_or(|m| self.latest_rtt <= m + (m / 8).max(Duration::from_millis(2)))
+    }
+
+    fn on_rate_sample(&mut self, rate: u64, now: Instant, app_limited: bool) {
+        if !app_limited || rate > self.est_rate_bps {
+            self.rate_samples.push_back((now, rate));
+        }
+        while self
+            .rate_samples
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > RATE_WINDOW)
+        {
+            self.rate_samples.pop_front();
+        }
+        if let Some(max) = self.rate_samples.iter().map(|(_, r)| *r).max() {
+            self.est_rate_bps = max.max(MIN_RATE_BPS);
+        }
+        self.advance_phase(now);
+    }
+
+    fn round(&self) -> Duration {
+        self.min_rtt()
+            .unwrap_or(Duration::from_millis(50))
+            .max(Duration::from_millis(20))
+    }
+
+    fn advance_phase(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.phase_start);
+        match self.phase {
+            Phase::Startup => {
+                // A queue is building: the capacity has been found.
+                if !self.queue_drained() && self.est_rate_bps > INITIAL_RATE_BPS {
+                    self.phase = Phase::Drain;
+                    self.phase_start = now;
+                    return;
+                }
+                // Rate samples lag a round trip and a feedback interval behind the pacing
+                // rate: judge growth over rounds that long.
+                if elapsed < self.round() + self.sample_interval() {
+                    return;
+                }
+                self.phase_start = now;
+                if self.est_rate_bps as f64 >= self.startup_best as f64 * 1.25 {
+                    self.startup_best = self.est_rate_bps;
+                    self.startup_rounds_flat = 0;
+                } else {
+                    self.startup_rounds_flat += 1;
+                    if self.startup_rounds_flat >= 3 {
+                        self.phase = Phase::Drain;
+                    }
+                }
+                if self.max_rate_bps.is_some_and(|m| self.est_rate_bps >= m) {
+                    self.phase = Phase::Cycle(2);
+                }
+            }
+            Phase::Drain => {
+                if self.queue_drained() || elapsed >= 5 * self.round() {
+                    self.phase = Phase::Cycle(2);
+                    self.phase_start = now;
+                }
+            }
+            Phase::Cycle(i) => {
+                // The pace-below phase lasts until the queue the probe built is gone (or
+                // four rounds), so no standing queue survives a cycle.
+                let done = if CYCLE_GAINS[i] < 1.0 {
+                    elapsed >= self.round() && (self.queue_drained() || elapsed >= 2 * self.round())
+                } else {
+                    elapsed >= self.round()
+                };
+                if done {
+                    self.phase = Phase::Cycle((i + 1) % CYCLE_GAINS.len());
+                    self.phase_start = now;
+                }
+            }
+        }
+    }
+}
+
+/// What the receiver measures about data arriving on one link, reported back as feedback.
+#[derive(Debug, Default)]
+pub struct RxLinkMeter {
+    /// Highest link sequence number seen.
+    pub highest_link_seq: u32,
+    /// Packets received, cumulative.
+    pub packets: u32,
+    /// Bytes received, cumulative.
+    pub bytes: u64,
+    /// Smoothed one-way delay (wrapping microseconds: receiver clock minus sender clock) and
+    /// its mean deviation.
+    owd: Option<(u32, u64)>,
+    min_owd: Option<(u32, Instant)>,
+    /// New data since the last feedback.
+    pub dirty: bool,
+    /// Last time data arrived on this link.
+    pub last_data: Option<Instant>,
+}
+
+impl RxLinkMeter {
+    /// Records one data packet; `owd_us` is our clock minus the sender's, microseconds,
+    /// wrapping (only differences between samples and links mean anything).
+    pub fn on_data(&mut self, link_seq: u32, len: usize, owd_us: u32, now: Instant) {
+        if self.packets == 0 || (link_seq.wrapping_sub(self.highest_link_seq) as i32) > 0 {
+            self.highest_link_seq = link_seq;
+        }
+        self.packets = self.packets.wrapping_add(1);
+        // Counted as on the wire, so that rates compare with what the link carries.
+        self.bytes = self
+            .bytes
+            .wrapping_add((len + super::TUNNEL_OVERHEAD) as u64);
+        self.dirty = true;
+        self.last_data = Some(now);
+        // Smoothed OWD (gain 1/8) and mean deviation (gain 1/16, as RTP's jitter).
+        self.owd = Some(match self.owd {
+            None => (owd_us, 0),
+            Some((s, j)) => {
+                let diff = i64::from(owd_us.wrapping_sub(s) as i32);
+                let j = (j * 15 + diff.unsigned_abs()) / 16;
+                (s.wrapping_add((diff / 8) as i32 as u32), j)
+            }
+        });
+        match self.min_owd {
+            Some((m, at))
+                if (owd_us.wrapping_sub(m) as i32) >= 0
+                    && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
+            _ => self.min_owd = Some((owd_us, now)),
+        }
+    }
+
+    /// Smoothed one-way delay (wrapping, relative) and jitter, microseconds.
+    pub fn owd(&self) -> Option<(u32, u64)> {
+        self.owd
+    }
+
+    /// Lowest recent one-way delay (wrapping, relative), microseconds.
+    pub fn min_owd(&self) -> Option<u32> {
+        self.min_owd.map(|(m, _)| m)
+    }
+
+    /// Forgets everything (the peer restarted).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The feedback entry for this link.
+    pub fn entry(&self, link_id: u8) -> super::wire::FeedbackEntry {
+        let (owd, jitter) = self.owd.unwrap_or((0, 0));
+        super::wire::FeedbackEntry {
+            link_id,
+            highest_link_seq: self.highest_link_seq,
+            packets: self.packets,
+            bytes: self.bytes,
+            owd_us: owd as i32,
+            jitter_us: jitter.min(u64::from(u32::MAX)) as u32,
+            min_owd_us: self.min_owd.map_or(0, |(m, _)| m as i32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtt_smoothing_and_state() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(t0, None);
+        assert_eq!(e.state(), LinkState::Probing);
+        e.on_probe_sent(t0);
+        e.on_rtt_sample(Duration::from_millis(20), t0 + Duration::from_millis(20));
+        assert_eq!(e.state(), LinkState::Up);
+        for i in 0..50 {
+            e.on_rtt_sample(
+                Duration::from_millis(30),
+                t0 + Duration::from_millis(40 + i),
+            );
+        }
+        let srtt = e.srtt().unwrap();
+        assert!(srtt > Duration::from_millis(29) && srtt <= Duration::from_millis(30));
+        assert_eq!(e.min_rtt(), Some(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn silent_link_goes_down_and_recovers_after_replies() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(t0, None);
+        e.on_probe_sent(t0);
+        e.on_rtt_sample(Duration::from_millis(20), t0);
+        let t1 = t0 + Duration::from_millis(10);
+        e.on_probe_sent(t1);
+        let deadline = e.dead_deadline().unwrap();
+        assert!(deadline <= t1 + Duration::from_millis(160));
+        assert_eq!(
+            e.update_state(deadline - Duration::from_millis(1)),
+            Some(LinkState::Degraded)
+        );
+        assert_eq!(e.update_state(deadline), Some(LinkState::Down));
+        for i in 0..3 {
+            assert_eq!(e.state(), LinkState::Down);
+            e.on_rtt_sample(
+                Duration::from_millis(20),
+                deadline + Duration::from_millis(i),
+            );
+        }
+        assert_eq!(e.state(), LinkState::Up);
+    }
+
+    #[test]
+    fn rx_meter_tracks_highest_seq_with_wrap() {
+        let now = Instant::now();
+        let mut m = RxLinkMeter::default();
+        m.on_data(u32::MAX - 1, 100, 5, now);
+        m.on_data(u32::MAX, 100, 5, now);
+        m.on_data(0, 100, 5, now);
+        m.on_data(u32::MAX, 100, 5, now); // late, not higher
+        assert_eq!(m.highest_link_seq, 0);
+        assert_eq!(m.packets, 4);
+    }
+}

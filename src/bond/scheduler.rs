@@ -1,0 +1,257 @@
+//! Which link(s) carry a packet.
+//!
+//! The scheduler sees each link as a candidate with an expected arrival time for the next
+//! packet: the time it waits in our pacing queue plus the link's one-way delay. `stripe`
+//! picks the earliest arrival (so a slow, long link is used only when the fast ones are
+//! backed up); `duplicate` every usable link; `failover` the preferred usable link; `auto`
+//! stripes bulk traffic and duplicates latency-critical packets on the two best links.
+
+use std::time::Duration;
+
+use super::{LinkState, Mode};
+
+/// A link as the scheduler sees it for one packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
+    /// Index into the bond's link table.
+    pub index: usize,
+    /// Link state.
+    pub state: LinkState,
+    /// Failover priority (lower preferred).
+    pub priority: u32,
+    /// Time the packet would wait in our queue for this link.
+    pub queue_delay: Duration,
+    /// One-way delay of the link relative to the fastest link.
+    pub owd: Duration,
+    /// Measured loss rate.
+    pub loss: f64,
+}
+
+impl Candidate {
+    /// When the packet is expected to arrive, relative to the fastest idle link.
+    pub fn arrival(&self) -> Duration {
+        self.queue_delay + self.owd
+    }
+}
+
+/// Loss rate above which `auto` also sends a copy on another link.
+pub const LOSSY: f64 = 0.03;
+
+/// The scheduling decision: up to [`MAX_TARGETS`] link indexes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    idx: [usize; MAX_TARGETS],
+    len: usize,
+}
+
+/// Most copies of one packet.
+pub const MAX_TARGETS: usize = 16;
+
+impl Targets {
+    fn push(&mut self, i: usize) {
+        if self.len < MAX_TARGETS && !self.as_slice().contains(&i) {
+            self.idx[self.len] = i;
+            self.len += 1;
+        }
+    }
+
+    /// The chosen link indexes.
+    pub fn as_slice(&self) -> &[usize] {
+        &self.idx[..self.len]
+    }
+
+    /// More than one copy.
+    pub fn is_duplicate(&self) -> bool {
+        self.len > 1
+    }
+}
+
+fn state_rank(s: LinkState) -> u8 {
+    match s {
+        LinkState::Up => 0,
+        LinkState::Degraded => 1,
+        LinkState::Probing => 2,
+        LinkState::Down => 3,
+    }
+}
+
+/// Chooses the links for one packet. `critical` says the packet is latency-critical (see
+/// [`is_critical`]); `cands` holds every link (any state).
+pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
+    let mut t = Targets::default();
+    // Only the healthiest class of link is eligible: usable links, else links still probing
+    // (start-up), else anything (every link looks down: try them all rather than go silent).
+    let Some(best_rank) = cands.iter().map(|c| state_rank(c.state).min(2)).min() else {
+        return t;
+    };
+    let eligible = |c: &&Candidate| {
+        let r = state_rank(c.state);
+        if best_rank < 2 {
+            r < 2
+        } else {
+            r.min(2) == best_rank
+        }
+    };
+    match mode {
+        Mode::Duplicate => {
+            for c in cands.iter().filter(eligible) {
+                t.push(c.index);
+            }
+        }
+        Mode::Failover => {
+            if let Some(c) = cands
+                .iter()
+                .filter(eligible)
+                .min_by_key(|c| (state_rank(c.state), c.priority, c.index))
+            {
+                t.push(c.index);
+            }
+        }
+        Mode::Stripe => {
+            if let Some(c) = earliest(cands.iter().filter(eligible), None) {
+                t.push(c.index);
+            }
+        }
+        Mode::Auto => {
+            let Some(first) = earliest(cands.iter().filter(eligible), None) else {
+                return t;
+            };
+            t.push(first.index);
+            if critical || first.loss > LOSSY {
+                if let Some(second) = earliest(cands.iter().filter(eligible), Some(first.index)) {
+                    t.push(second.index);
+                }
+            }
+        }
+    }
+    t
+}
+
+fn earliest<'a>(
+    cands: impl Iterator<Item = &'a Candidate>,
+    except: Option<usize>,
+) -> Option<&'a Candidate> {
+    cands
+        .filter(|c| Some(c.index) != except)
+        .min_by_key(|c| (c.arrival(), c.index))
+}
+
+/// True for packets whose delay or loss hurts far more than their size costs: TCP SYN, FIN,
+/// RST and pure ACKs, DNS, small UDP (voice, games), DSCP EF and AF4x.
+pub fn is_critical(packet: &[u8]) -> bool {
+    let Some(&first) = packet.first() else {
+        return false;
+    };
+    let (proto, dscp, l4) = match first >> 4 {
+        4 if packet.len() >= 20 => {
+            let ihl = usize::from(first & 0x0f) * 4;
+            (packet[9], packet[1] >> 2, packet.get(ihl..).unwrap_or(&[]))
+        }
+        6 if packet.len() >= 40 => (
+            packet[6],
+            ((packet[0] & 0x0f) << 2) | (packet[1] >> 6),
+            &packet[40..],
+        ),
+        _ => return false,
+    };
+    if dscp == 46 || matches!(dscp, 34 | 36 | 38) {
+        return true;
+    }
+    match proto {
+        6 if l4.len() >= 20 => {
+            let flags = l4[13];
+            let data_off = usize::from(l4[12] >> 4) * 4;
+            // SYN, FIN, RST, or no payload (pure ACK).
+            flags & 0x07 != 0 || l4.len() <= data_off
+        }
+        17 if l4.len() >= 8 => {
+            let sport = u16::from_be_bytes([l4[0], l4[1]]);
+            let dport = u16::from_be_bytes([l4[2], l4[3]]);
+            sport == 53 || dport == 53 || l4.len() <= 300
+        }
+        // ICMP and ICMPv6: pings are how users judge a link.
+        1 | 58 => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(index: usize, state: LinkState, q_ms: u64, owd_ms: u64) -> Candidate {
+        Candidate {
+            index,
+            state,
+            priority: index as u32,
+            queue_delay: Duration::from_millis(q_ms),
+            owd: Duration::from_millis(owd_ms),
+            loss: 0.0,
+        }
+    }
+
+    #[test]
+    fn stripe_prefers_earliest_arrival() {
+        let c = [cand(0, LinkState::Up, 10, 0), cand(1, LinkState::Up, 0, 25)];
+        assert_eq!(choose(Mode::Stripe, &c, false).as_slice(), &[0]);
+        let c = [cand(0, LinkState::Up, 30, 0), cand(1, LinkState::Up, 0, 25)];
+        assert_eq!(choose(Mode::Stripe, &c, false).as_slice(), &[1]);
+    }
+
+    #[test]
+    fn duplicate_uses_every_usable_link_and_failover_the_preferred() {
+        let c = [
+            cand(0, LinkState::Down, 0, 0),
+            cand(1, LinkState::Up, 0, 5),
+            cand(2, LinkState::Degraded, 0, 9),
+        ];
+        assert_eq!(choose(Mode::Duplicate, &c, false).as_slice(), &[1, 2]);
+        assert_eq!(choose(Mode::Failover, &c, false).as_slice(), &[1]);
+        let c = [
+            cand(0, LinkState::Down, 0, 0),
+            cand(1, LinkState::Probing, 0, 0),
+        ];
+        assert_eq!(choose(Mode::Failover, &c, false).as_slice(), &[1]);
+        let c = [
+            cand(0, LinkState::Down, 0, 0),
+            cand(1, LinkState::Down, 0, 0),
+        ];
+        assert_eq!(choose(Mode::Duplicate, &c, false).as_slice(), &[0, 1]);
+    }
+
+    #[test]
+    fn auto_duplicates_critical_and_lossy() {
+        let mut c = [cand(0, LinkState::Up, 0, 0), cand(1, LinkState::Up, 0, 20)];
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0]);
+        assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
+        c[0].loss = 0.1;
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 1]);
+    }
+
+    #[test]
+    fn classifies_critical_packets() {
+        let mut syn = vec![0u8; 40];
+        syn[0] = 0x45;
+        syn[9] = 6;
+        syn[32] = 0x50;
+        syn[33] = 0x02;
+        assert!(is_critical(&syn));
+        let mut bulk = syn.clone();
+        bulk[33] = 0x10;
+        bulk.resize(1400, 0);
+        assert!(!is_critical(&bulk));
+        let mut ack = syn.clone();
+        ack[33] = 0x10;
+        assert!(is_critical(&ack));
+        let mut ef = bulk.clone();
+        ef[1] = 46 << 2;
+        assert!(is_critical(&ef));
+        let mut dns = vec![0u8; 600];
+        dns[0] = 0x45;
+        dns[9] = 17;
+        dns[23] = 53;
+        assert!(is_critical(&dns));
+        assert!(!is_critical(&[0x45]));
+        assert!(!is_critical(&[]));
+    }
+}

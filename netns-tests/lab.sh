@@ -20,7 +20,8 @@
 #       lab.sh down [PREFIX]        lab.sh emu [--prefix P] [SITE:]LINK COMMAND...
 #       lab.sh status               lab.sh gc [--all]
 # Library (after `source lab.sh`): lab_up, lab_down, lab_trap, lab_ns, lab_exec, lab_bg, lab_emu,
-#       lab_wan_ip, lab_wan_gw, lab_public_ip, lab_link_index; variables LAB_HUB_IP, LAB_LINK_*.
+#       lab_wan_ip, lab_wan_gw, lab_public_ip, lab_link_index, lab_wan_readdress, lab_nat_rebind,
+#       lab_flap; variables LAB_HUB_IP, LAB_LINK_*.
 
 LAB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LAB_REPO="$(cd "$LAB_DIR/.." && pwd)"
@@ -95,10 +96,56 @@ lab_link_index() {
 
 # Addresses of site S's link I: the site's WAN address, the router's side (the gateway), and
 # the address the hub sees (the NAT address with --nat).
-lab_wan_ip() { echo "10.1$1$2.0.2"; }
+# (After lab_wan_readdress / lab_nat_rebind they give the current address.)
+lab_wan_ip() { cat "$LAB_STATE/wan-ip-$1-$2" 2>/dev/null || echo "10.1$1$2.0.2"; }
 lab_wan_gw() { echo "10.1$1$2.0.1"; }
 lab_public_ip() {
-    if ((LAB_NAT)); then echo "10.200.0.1$1$2"; else lab_wan_ip "$1" "$2"; fi
+    if ((LAB_NAT)); then
+        cat "$LAB_STATE/public-ip-$1-$2" 2>/dev/null || echo "10.200.0.1$1$2"
+    else
+        lab_wan_ip "$1" "$2"
+    fi
+}
+
+# lab_wan_readdress S I: site S's WAN I gets a new address (.2 <-> .3), like a DHCP renew that
+# hands out another lease; its routes and source rule follow. Prints the new address.
+lab_wan_readdress() {
+    local s=$1 i=$2 old new table=$((100 + $2)) ns
+    ns=$(lab_ns "site$s")
+    old=$(lab_wan_ip "$s" "$i")
+    if [[ $old == *.2 ]]; then new=${old%.2}.3; else new=${old%.3}.2; fi
+    ip -n "$ns" rule del from "$old" lookup "$table" 2>/dev/null
+    ip -n "$ns" addr del "$old/24" dev "wan$i" || return 1
+    ip -n "$ns" addr add "$new/24" dev "wan$i" || return 1
+    ip -n "$ns" route replace "10.1$s$i.0.0/24" dev "wan$i" src "$new" table "$table" || return 1
+    ip -n "$ns" route replace default via "$(lab_wan_gw "$s" "$i")" dev "wan$i" table "$table" || return 1
+    ip -n "$ns" rule add from "$new" lookup "$table" priority "$((1000 + i))" || return 1
+    if ((i == 0)); then
+        ip -n "$ns" route replace default via "$(lab_wan_gw "$s" "$i")" dev "wan$i" || return 1
+    fi
+    echo "$new" >"$LAB_STATE/wan-ip-$s-$i"
+    echo "$new"
+}
+
+# lab_nat_rebind S I (needs --nat): the router maps site S's WAN I to another public address
+# (10.200.0.1SI <-> 10.200.0.2SI) and forgets existing mappings, like a 4G reconnect behind
+# carrier NAT: the next packet of an ongoing flow reaches the hub from the new address.
+lab_nat_rebind() {
+    local s=$1 i=$2 old new ns
+    if ((!LAB_NAT)); then
+        lab_log "lab_nat_rebind needs a lab built with --nat"
+        return 1
+    fi
+    ns=$(lab_ns inet)
+    old=$(lab_public_ip "$s" "$i")
+    if [[ $old == "10.200.0.1$s$i" ]]; then new="10.200.0.2$s$i"; else new="10.200.0.1$s$i"; fi
+    ip -n "$ns" addr add "$new/32" dev hub0 2>/dev/null
+    ip netns exec "$ns" nft flush chain ip wgblab "w$s$i" || return 1
+    ip netns exec "$ns" nft add rule ip wgblab "w$s$i" snat to "$new" || return 1
+    # Existing conntrack entries would keep the old mapping for ongoing flows.
+    ip netns exec "$ns" conntrack -D -s "10.1$s$i.0.0/24" >/dev/null 2>&1
+    echo "$new" >"$LAB_STATE/public-ip-$s-$i"
+    echo "$new"
 }
 
 # Reads a scenario (a name under scenarios/ or a path) into the LAB_LINK_* arrays.
@@ -206,6 +253,10 @@ lab_build() {
         lab_log "--nat needs nft (apt-get install nftables)"
         return 1
     fi
+    if ((LAB_NAT)) && ! command -v conntrack >/dev/null; then
+        lab_log "--nat needs conntrack, for lab_nat_rebind (apt-get install conntrack)"
+        return 1
+    fi
     mkdir -p "$LAB_STATE" || return 1
     : >"$LAB_STATE/pids"
     echo "$$" >"$LAB_STATE/owner"
@@ -263,8 +314,11 @@ EOF
                 local pub
                 pub=$(lab_public_ip "$s" "$i")
                 ip -n "$(lab_ns inet)" addr add "$pub/32" dev hub0 || return 1
+                # One chain per WAN, so lab_nat_rebind can swap its mapping alone.
+                ip netns exec "$(lab_ns inet)" nft add chain ip wgblab "w$s$i" || return 1
+                ip netns exec "$(lab_ns inet)" nft add rule ip wgblab "w$s$i" snat to "$pub" || return 1
                 ip netns exec "$(lab_ns inet)" nft add rule ip wgblab postrouting \
-                    oifname hub0 ip saddr "10.1$s$i.0.0/24" snat to "$pub" || return 1
+                    oifname hub0 ip saddr "10.1$s$i.0.0/24" jump "w$s$i" || return 1
             fi
             lab_start_emulator "$s" "$i" "$bin" || return 1
         done
@@ -401,6 +455,35 @@ lab_emu() {
     fi
     lab_link_index "$link" >/dev/null || return 1
     "$(lab_linkemu_bin)" ctl "$LAB_STATE/emu-s$site-$link.sock" "$@"
+}
+
+# lab_flap [SITE:]LINK UP_S DOWN_S COUNT: in the background, COUNT times: outage for DOWN_S
+# seconds, then up for UP_S seconds (a flapping link). PID in LAB_LAST_PID, killed by lab_down.
+lab_flap() {
+    local link=$1 up_s=$2 down_s=$3 count=$4
+    if ! [[ $count =~ ^[0-9]+$ ]] || ((count > 10000)); then
+        lab_log "lab_flap: COUNT must be 0..10000"
+        return 1
+    fi
+    (
+        # Killed by lab_down: take the running sleep along, so nothing is left behind.
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        nap=""
+        for ((n = 0; n < count; n++)); do
+            lab_emu "$link" outage on >/dev/null || exit 1
+            sleep "$down_s" &
+            nap=$!
+            wait "$nap"
+            lab_emu "$link" outage off >/dev/null || exit 1
+            sleep "$up_s" &
+            nap=$!
+            wait "$nap"
+        done
+    ) &
+    LAB_LAST_PID=$!
+    LAB_PIDS+=("$LAB_LAST_PID")
+    [[ -d $LAB_STATE ]] && echo "$LAB_LAST_PID" >>"$LAB_STATE/pids"
+    return 0
 }
 
 # Value of one KEY from a `stats`/`show` reply: lab_emu_get cable up.passed_packets

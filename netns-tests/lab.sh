@@ -386,6 +386,9 @@ lab_alive() {
 
 # Ends PIDs: TERM, up to 3 s to exit, then KILL.
 lab_kill_pids() {
+    # Cleanup must run to the end even in a caller that uses set -e / pipefail.
+    local -
+    set +e +o pipefail
     local pid alive=() tries
     for pid in "$@"; do
         [[ $pid =~ ^[0-9]+$ ]] || continue
@@ -403,14 +406,19 @@ lab_kill_pids() {
         kill -KILL "$pid" 2>/dev/null
     done
     # Reap our own children quietly; others are not ours to wait for.
+    local children
+    children=" $(jobs -p | tr '\n' ' ') "
     for pid in "$@"; do
-        wait "$pid" 2>/dev/null
+        [[ $children == *" $pid "* ]] && { wait "$pid"; } 2>/dev/null
     done
     return 0
 }
 
 # Removes every process, namespace and state file of the lab with prefix $1 (default: ours).
 lab_down_prefix() {
+    # Cleanup must run to the end even in a caller that uses set -e / pipefail.
+    local -
+    set +e +o pipefail
     local prefix=$1 state="$LAB_RUN_DIR/${1%-}" ns pids=()
     [[ -f $state/pids ]] && mapfile -t -O "${#pids[@]}" pids <"$state/pids"
     lab_kill_pids "${pids[@]}"
@@ -429,6 +437,8 @@ lab_down_prefix() {
 # Tears down this shell's lab; safe to call twice and from a trap.
 lab_down() {
     local status=$?
+    local -
+    set +e +o pipefail
     lab_kill_pids "${LAB_PIDS[@]}"
     LAB_PIDS=()
     lab_down_prefix "$LAB_PREFIX"
@@ -513,6 +523,9 @@ lab_attach() {
 
 # Removes labs whose owner process is gone (crashed runs); with --all, every wgb-* lab.
 lab_gc() {
+    # Cleanup must run to the end even in a caller that uses set -e / pipefail.
+    local -
+    set +e +o pipefail
     local all=0 prefixes=() ns prefix owner
     [[ ${1:-} == --all ]] && all=1
     for ns in $(ip netns list | awk '{print $1}' | grep -E '^wgb-[0-9]+-'); do

@@ -6,23 +6,37 @@
 #   - wgbond in each mode (with --wgbond; needs the daemon: `wgbond up CONFIG --foreground`),
 # and prints a markdown table; efficiency = goodput / sum of the single-link WireGuard goodputs.
 #
-# Usage: sudo netns-tests/bench.sh [SCENARIO] [--time SECONDS] [--wgbond] [--output FILE]
-#        (default scenario hetero, 10 s per measurement)
+# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--output FILE]
+#        (default scenario hetero, 10 s per measurement; several scenarios run one after the
+#        other, each in its own lab, their tables together in FILE)
 set -u
 # shellcheck source=testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
-SCENARIO=hetero DURATION=10 WITH_WGBOND=0 OUTPUT=""
+SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=()
 while (($#)); do
     case $1 in
-    --time) DURATION=$2; shift ;;
-    --wgbond) WITH_WGBOND=1 ;;
-    --output) OUTPUT=$2; shift ;;
-    -*) echo "usage: $0 [SCENARIO] [--time SECONDS] [--wgbond] [--output FILE]" >&2; exit 2 ;;
-    *) SCENARIO=$1 ;;
+    --time) DURATION=${2:-}; OPTIONS+=(--time "$DURATION"); shift ;;
+    --wgbond) WITH_WGBOND=1; OPTIONS+=(--wgbond) ;;
+    --output) OUTPUT=${2:-}; shift ;;
+    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--output FILE]" >&2; exit 2 ;;
+    *) SCENARIOS+=("$1") ;;
     esac
     shift
 done
+((${#SCENARIOS[@]})) || SCENARIOS=(hetero)
+if ((${#SCENARIOS[@]} > 1)); then
+    {
+        status=0
+        for scenario in "${SCENARIOS[@]}"; do
+            "$0" "$scenario" "${OPTIONS[@]}" || status=1
+            echo
+        done
+        exit "$status"
+    } | tee ${OUTPUT:+"$OUTPUT"}
+    exit "${PIPESTATUS[0]}"
+fi
+SCENARIO=${SCENARIOS[0]}
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 2 && DURATION <= 120)) || { echo "--time: 2..120 seconds" >&2; exit 2; }
 for tool in iperf3 wg wireguard-go mptcpize; do
     command -v "$tool" >/dev/null || { echo "bench: missing '$tool' (apt-get install iperf3 wireguard-tools wireguard-go mptcpd)" >&2; exit 1; }

@@ -21,7 +21,7 @@
 #       lab.sh status               lab.sh gc [--all]
 # Library (after `source lab.sh`): lab_up, lab_down, lab_trap, lab_ns, lab_exec, lab_bg, lab_emu,
 #       lab_wan_ip, lab_wan_gw, lab_public_ip, lab_link_index, lab_wan_readdress, lab_nat_rebind,
-#       lab_flap; variables LAB_HUB_IP, LAB_LINK_*.
+#       lab_cycle, lab_flap; variables LAB_HUB_IP, LAB_LINK_*.
 
 LAB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LAB_REPO="$(cd "$LAB_DIR/.." && pwd)"
@@ -467,25 +467,31 @@ lab_emu() {
     "$(lab_linkemu_bin)" ctl "$LAB_STATE/emu-s$site-$link.sock" "$@"
 }
 
-# lab_flap [SITE:]LINK UP_S DOWN_S COUNT: in the background, COUNT times: outage for DOWN_S
-# seconds, then up for UP_S seconds (a flapping link). PID in LAB_LAST_PID, killed by lab_down.
-lab_flap() {
-    local link=$1 up_s=$2 down_s=$3 count=$4
+# lab_cycle [SITE:]LINK NORMAL_S EVENT_S COUNT "EVENT CMD" "NORMAL CMD": in the background,
+# COUNT times: run EVENT CMD on the link's emulator, wait EVENT_S, run NORMAL CMD, wait
+# NORMAL_S. E.g. satellite handovers every 15 s:
+#   lab_cycle sat 15 0.1 20 "set both delay_ms=380" "set both delay_ms=300"
+# PID in LAB_LAST_PID; lab_down stops it.
+lab_cycle() {
+    local link=$1 normal_s=$2 event_s=$3 count=$4 event=$5 normal=$6
     if ! [[ $count =~ ^[0-9]+$ ]] || ((count > 10000)); then
-        lab_log "lab_flap: COUNT must be 0..10000"
+        lab_log "lab_cycle: COUNT must be 0..10000"
         return 1
     fi
+    lab_link_index "${link#*:}" >/dev/null || return 1
     (
         # Killed by lab_down: take the running sleep along, so nothing is left behind.
         trap 'kill "$nap" 2>/dev/null; exit 0' TERM
         nap=""
         for ((n = 0; n < count; n++)); do
-            lab_emu "$link" outage on >/dev/null || exit 1
-            sleep "$down_s" &
+            # shellcheck disable=SC2086 # the commands are word lists on purpose
+            lab_emu "$link" $event >/dev/null || exit 1
+            sleep "$event_s" &
             nap=$!
             wait "$nap"
-            lab_emu "$link" outage off >/dev/null || exit 1
-            sleep "$up_s" &
+            # shellcheck disable=SC2086
+            lab_emu "$link" $normal >/dev/null || exit 1
+            sleep "$normal_s" &
             nap=$!
             wait "$nap"
         done
@@ -494,6 +500,12 @@ lab_flap() {
     LAB_PIDS+=("$LAB_LAST_PID")
     [[ -d $LAB_STATE ]] && echo "$LAB_LAST_PID" >>"$LAB_STATE/pids"
     return 0
+}
+
+# lab_flap [SITE:]LINK UP_S DOWN_S COUNT: a flapping link, COUNT outages of DOWN_S seconds
+# UP_S seconds apart (see lab_cycle).
+lab_flap() {
+    lab_cycle "$1" "$2" "$3" "$4" "outage on" "outage off"
 }
 
 # Value of one KEY from a `stats`/`show` reply: lab_emu_get cable up.passed_packets

@@ -16,7 +16,7 @@
 # - With --nat, the router masquerades each WAN to its own "public" address 10.200.0.1SI.
 # - The hub has ONE address, 10.200.0.2, on the router's subnet.
 #
-# CLI:  lab.sh up SCENARIO [--sites N] [--nat] [--no-lan]   (prints the prefix; stays up)
+# CLI:  lab.sh up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6]   (prints the prefix; stays up)
 #       lab.sh down [PREFIX]        lab.sh emu [--prefix P] [SITE:]LINK COMMAND...
 #       lab.sh status               lab.sh gc [--all]
 # Library (after `source lab.sh`): lab_up, lab_down, lab_trap, lab_ns, lab_exec, lab_bg, lab_emu,
@@ -34,6 +34,9 @@ LAB_PIDS=()
 LAB_SITES=0
 LAB_NAT=0
 LAB_LAN=1
+LAB_IPV6=0
+LAB_HUB_IP6=fd00:200::2
+LAB_HUB_GW6=fd00:200::1
 LAB_SCENARIO=""
 LAB_LINK_NAME=() LAB_LINK_RATE=() LAB_LINK_UPRATE=() LAB_LINK_DELAY=() LAB_LINK_JITTER=()
 LAB_LINK_LOSS=() LAB_LINK_QUEUE=()
@@ -96,7 +99,10 @@ lab_link_index() {
 
 # Addresses of site S's link I: the site's WAN address, the router's side (the gateway), and
 # the address the hub sees (the NAT address with --nat).
-# (After lab_wan_readdress / lab_nat_rebind they give the current address.)
+# (After lab_wan_readdress / lab_nat_rebind they give the current address.) With --ipv6 each
+# WAN also has fd00:1SI::2/64 (gateway ::1) and the hub fd00:200::2.
+lab_wan_ip6() { echo "fd00:1$1$2::2"; }
+lab_wan_gw6() { echo "fd00:1$1$2::1"; }
 lab_wan_ip() { cat "$LAB_STATE/wan-ip-$1-$2" 2>/dev/null || echo "10.1$1$2.0.2"; }
 lab_wan_gw() { echo "10.1$1$2.0.1"; }
 lab_public_ip() {
@@ -210,7 +216,7 @@ lab_sysctl() {
 }
 
 lab_save_state() {
-    declare -p LAB_PREFIX LAB_STATE LAB_SITES LAB_NAT LAB_LAN LAB_SCENARIO LAB_LINK_NAME LAB_LINK_RATE \
+    declare -p LAB_PREFIX LAB_STATE LAB_SITES LAB_NAT LAB_LAN LAB_IPV6 LAB_SCENARIO LAB_LINK_NAME LAB_LINK_RATE \
         LAB_LINK_UPRATE LAB_LINK_DELAY LAB_LINK_JITTER LAB_LINK_LOSS LAB_LINK_QUEUE |
         sed "s/^declare /declare -g /" >"$LAB_STATE/env"
 }
@@ -280,6 +286,12 @@ lab_build() {
     ip -n "$(lab_ns inet)" addr add "$LAB_HUB_GW/24" dev hub0 || return 1
     ip -n "$(lab_ns hub)" addr add "$LAB_HUB_IP/24" dev eth0 || return 1
     ip -n "$(lab_ns hub)" route add default via "$LAB_HUB_GW" || return 1
+    if ((LAB_IPV6)); then
+        lab_sysctl inet net.ipv6.conf.all.forwarding=1 || return 1
+        ip -n "$(lab_ns inet)" addr add "$LAB_HUB_GW6/64" dev hub0 nodad || return 1
+        ip -n "$(lab_ns hub)" addr add "$LAB_HUB_IP6/64" dev eth0 nodad || return 1
+        ip -n "$(lab_ns hub)" -6 route add default via "$LAB_HUB_GW6" || return 1
+    fi
     if ((LAB_NAT)); then
         ip netns exec "$(lab_ns inet)" nft -f - <<'EOF' || return 1
 table ip wgblab {
@@ -310,6 +322,19 @@ EOF
             if ((i == 0)); then
                 ip -n "$(lab_ns "$site")" route add default via "$gw" dev "$wan" || return 1
             fi
+            if ((LAB_IPV6)); then
+                # The same plan in IPv6 (no NAT: v6 WANs are routed), fd00:1SI::/64 per WAN.
+                local ip6 gw6
+                ip6=$(lab_wan_ip6 "$s" "$i") gw6=$(lab_wan_gw6 "$s" "$i")
+                ip -n "$(lab_ns "$site")" addr add "$ip6/64" dev "$wan" nodad || return 1
+                ip -n "$(lab_ns inet)" addr add "$gw6/64" dev "$rtr" nodad || return 1
+                ip -n "$(lab_ns "$site")" -6 route add "fd00:1$s$i::/64" dev "$wan" table "$table" || return 1
+                ip -n "$(lab_ns "$site")" -6 route add default via "$gw6" dev "$wan" table "$table" || return 1
+                ip -n "$(lab_ns "$site")" -6 rule add from "$ip6" lookup "$table" priority "$((1000 + i))" || return 1
+                if ((i == 0)); then
+                    ip -n "$(lab_ns "$site")" -6 route add default via "$gw6" dev "$wan" || return 1
+                fi
+            fi
             if ((LAB_NAT)); then
                 local pub
                 pub=$(lab_public_ip "$s" "$i")
@@ -331,11 +356,11 @@ EOF
     done
 }
 
-# lab_up SCENARIO [--sites N] [--nat] [--no-lan]: builds the lab; on any failure tears down
+# lab_up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6]: builds the lab; on any failure tears down
 # what it built and returns 1.
 lab_up() {
     local scenario=""
-    LAB_SITES=1 LAB_NAT=0 LAB_LAN=1
+    LAB_SITES=1 LAB_NAT=0 LAB_LAN=1 LAB_IPV6=0
     while (($#)); do
         case $1 in
         --sites)
@@ -344,6 +369,7 @@ lab_up() {
             ;;
         --nat) LAB_NAT=1 ;;
         --no-lan) LAB_LAN=0 ;;
+        --ipv6) LAB_IPV6=1 ;;
         -*)
             lab_log "unknown option '$1'"
             return 1
@@ -353,7 +379,7 @@ lab_up() {
         shift
     done
     if [[ -z $scenario ]]; then
-        lab_log "usage: lab_up SCENARIO [--sites N] [--nat] [--no-lan]"
+        lab_log "usage: lab_up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6]"
         return 1
     fi
     if ! [[ $LAB_SITES =~ ^[1-9]$ ]] || ((LAB_SITES > LAB_MAX_SITES)); then
@@ -621,7 +647,7 @@ lab_main() {
     gc) lab_gc "$@" ;;
     status) lab_status ;;
     *)
-        echo "usage: $0 up SCENARIO [--sites N] [--nat] [--no-lan] | down [PREFIX] | emu [--prefix P] [SITE:]LINK CMD... | status | gc [--all]" >&2
+        echo "usage: $0 up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6] | down [PREFIX] | emu [--prefix P] [SITE:]LINK CMD... | status | gc [--all]" >&2
         return 2
         ;;
     esac

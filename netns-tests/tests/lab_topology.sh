@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Is the lab itself what the end-to-end tests assume? Per-WAN policy routing (traffic from a WAN's
-# address uses that WAN's emulated link, the default route the first WAN), NAT per WAN to its own
-# public address, a second independent site, a hub with one address, and gc of a crashed lab.
+# address uses that WAN's emulated link, the default route the first WAN), in IPv4 and IPv6, NAT
+# per WAN to its own public address and its rebinding, WAN readdressing, a flapping link, a
+# second independent site, a hub with one address, and gc of a crashed lab.
 set -u
 # shellcheck source=../testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
 lab_trap
-lab_up cable-lte-sat --sites 2 --nat || {
+lab_up cable-lte-sat --sites 2 --nat --ipv6 || {
     t_fail lab_up "could not build the lab"
     exit 1
 }
 HUB=$LAB_HUB_IP
+DST=$HUB # where check_path pings
 
 # Frames the emulators of site S passed upwards, per link, as "n0 n1 n2".
 up_counts() {
@@ -34,7 +36,7 @@ check_path() {
     local name=$1 s=$2 want=$3 counts i bad=""
     shift 3
     reset_all
-    lab_exec "site$s" ping -n -q -c 5 -i 0.1 -W 2 "$@" "$HUB" >/dev/null 2>&1
+    lab_exec "site$s" ping -n -q -c 5 -i 0.1 -W 2 "$@" "$DST" >/dev/null 2>&1
     read -r -a counts < <(up_counts "$s")
     for i in "${!counts[@]}"; do
         if ((i == want && counts[i] < 5)) || ((i != want && counts[i] > 3)); then
@@ -59,6 +61,15 @@ for ((s = 1; s <= LAB_SITES; s++)); do
     done
     check_path "site${s}_default_route_uses_first_wan" "$s" 0
 done
+# The same over IPv6 (--ipv6): per-WAN source rules and the main default route.
+DST=$LAB_HUB_IP6
+for i in "${!LAB_LINK_NAME[@]}"; do
+    t_warm site1 "$(lab_wan_ip6 1 "$i")" "$DST"
+    check_path "site1_ipv6_source_${LAB_LINK_NAME[$i]}_uses_its_link" 1 "$i" -I "$(lab_wan_ip6 1 "$i")"
+done
+check_path site1_ipv6_default_route_uses_first_wan 1 0
+DST=$HUB
+
 # Site 2's traffic must not touch site 1's emulators.
 reset_all
 lab_exec site2 ping -n -q -c 5 -i 0.1 -I "$(lab_wan_ip 2 0)" "$HUB" >/dev/null 2>&1
@@ -118,6 +129,7 @@ t_range flap_stopped "$(lab_alive "$flap" && echo 1 || echo 0)" 0 0
 
 # The hub has ONE (global) address.
 t_range hub_has_one_address "$(lab_exec hub ip -4 -o addr show scope global | wc -l)" 1 1
+t_range hub_has_one_ipv6_address "$(lab_exec hub ip -6 -o addr show scope global | wc -l)" 1 1
 
 # gc removes a lab whose owner died without cleaning up (the owner execs sleep, so killing it
 # leaves no orphan of ours behind).

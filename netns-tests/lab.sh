@@ -16,11 +16,12 @@
 # - With --nat, the router masquerades each WAN to its own "public" address 10.200.0.1SI.
 # - The hub has ONE address, 10.200.0.2, on the router's subnet.
 #
-# CLI:  lab.sh up SCENARIO [--sites N] [--nat] [--no-lan]   (prints the prefix; stays up)
+# CLI:  lab.sh up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6]   (prints the prefix; stays up)
 #       lab.sh down [PREFIX]        lab.sh emu [--prefix P] [SITE:]LINK COMMAND...
 #       lab.sh status               lab.sh gc [--all]
 # Library (after `source lab.sh`): lab_up, lab_down, lab_trap, lab_ns, lab_exec, lab_bg, lab_emu,
-#       lab_wan_ip, lab_wan_gw, lab_public_ip, lab_link_index; variables LAB_HUB_IP, LAB_LINK_*.
+#       lab_wan_ip, lab_wan_gw, lab_public_ip, lab_link_index, lab_wan_readdress, lab_nat_rebind,
+#       lab_cycle, lab_flap; variables LAB_HUB_IP, LAB_LINK_*.
 
 LAB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LAB_REPO="$(cd "$LAB_DIR/.." && pwd)"
@@ -33,10 +34,16 @@ LAB_PIDS=()
 LAB_SITES=0
 LAB_NAT=0
 LAB_LAN=1
+LAB_IPV6=0
+LAB_HUB_IP6=fd00:200::2
+LAB_HUB_GW6=fd00:200::1
 LAB_SCENARIO=""
 LAB_LINK_NAME=() LAB_LINK_RATE=() LAB_LINK_UPRATE=() LAB_LINK_DELAY=() LAB_LINK_JITTER=()
 LAB_LINK_LOSS=() LAB_LINK_QUEUE=()
 LAB_DEFAULT_QUEUE_MS=50
+# Set (non-empty) to run emulators at real-time priority: release times stay exact however busy
+# the machine is, but every frame then costs its own wake-up (about 3x the CPU per Mbit/s).
+LAB_EMU_REALTIME=${LAB_EMU_REALTIME:-}
 # Upper bounds keep the address plan (10.1SI.0.0/24) valid.
 LAB_MAX_SITES=4
 LAB_MAX_LINKS=8
@@ -92,10 +99,59 @@ lab_link_index() {
 
 # Addresses of site S's link I: the site's WAN address, the router's side (the gateway), and
 # the address the hub sees (the NAT address with --nat).
-lab_wan_ip() { echo "10.1$1$2.0.2"; }
+# (After lab_wan_readdress / lab_nat_rebind they give the current address.) With --ipv6 each
+# WAN also has fd00:1SI::2/64 (gateway ::1) and the hub fd00:200::2.
+lab_wan_ip6() { echo "fd00:1$1$2::2"; }
+lab_wan_gw6() { echo "fd00:1$1$2::1"; }
+lab_wan_ip() { cat "$LAB_STATE/wan-ip-$1-$2" 2>/dev/null || echo "10.1$1$2.0.2"; }
 lab_wan_gw() { echo "10.1$1$2.0.1"; }
 lab_public_ip() {
-    if ((LAB_NAT)); then echo "10.200.0.1$1$2"; else lab_wan_ip "$1" "$2"; fi
+    if ((LAB_NAT)); then
+        cat "$LAB_STATE/public-ip-$1-$2" 2>/dev/null || echo "10.200.0.1$1$2"
+    else
+        lab_wan_ip "$1" "$2"
+    fi
+}
+
+# lab_wan_readdress S I: site S's WAN I gets a new address (.2 <-> .3), like a DHCP renew that
+# hands out another lease; its routes and source rule follow. Prints the new address.
+lab_wan_readdress() {
+    local s=$1 i=$2 old new table=$((100 + $2)) ns
+    ns=$(lab_ns "site$s")
+    old=$(lab_wan_ip "$s" "$i")
+    if [[ $old == *.2 ]]; then new=${old%.2}.3; else new=${old%.3}.2; fi
+    ip -n "$ns" rule del from "$old" lookup "$table" 2>/dev/null
+    ip -n "$ns" addr del "$old/24" dev "wan$i" || return 1
+    ip -n "$ns" addr add "$new/24" dev "wan$i" || return 1
+    ip -n "$ns" route replace "10.1$s$i.0.0/24" dev "wan$i" src "$new" table "$table" || return 1
+    ip -n "$ns" route replace default via "$(lab_wan_gw "$s" "$i")" dev "wan$i" table "$table" || return 1
+    ip -n "$ns" rule add from "$new" lookup "$table" priority "$((1000 + i))" || return 1
+    if ((i == 0)); then
+        ip -n "$ns" route replace default via "$(lab_wan_gw "$s" "$i")" dev "wan$i" || return 1
+    fi
+    echo "$new" >"$LAB_STATE/wan-ip-$s-$i"
+    echo "$new"
+}
+
+# lab_nat_rebind S I (needs --nat): the router maps site S's WAN I to another public address
+# (10.200.0.1SI <-> 10.200.0.2SI) and forgets existing mappings, like a 4G reconnect behind
+# carrier NAT: the next packet of an ongoing flow reaches the hub from the new address.
+lab_nat_rebind() {
+    local s=$1 i=$2 old new ns
+    if ((!LAB_NAT)); then
+        lab_log "lab_nat_rebind needs a lab built with --nat"
+        return 1
+    fi
+    ns=$(lab_ns inet)
+    old=$(lab_public_ip "$s" "$i")
+    if [[ $old == "10.200.0.1$s$i" ]]; then new="10.200.0.2$s$i"; else new="10.200.0.1$s$i"; fi
+    ip -n "$ns" addr add "$new/32" dev hub0 2>/dev/null
+    ip netns exec "$ns" nft flush chain ip wgblab "w$s$i" || return 1
+    ip netns exec "$ns" nft add rule ip wgblab "w$s$i" snat to "$new" || return 1
+    # Existing conntrack entries would keep the old mapping for ongoing flows.
+    ip netns exec "$ns" conntrack -D -s "10.1$s$i.0.0/24" >/dev/null 2>&1
+    echo "$new" >"$LAB_STATE/public-ip-$s-$i"
+    echo "$new"
 }
 
 # Reads a scenario (a name under scenarios/ or a path) into the LAB_LINK_* arrays.
@@ -160,7 +216,7 @@ lab_sysctl() {
 }
 
 lab_save_state() {
-    declare -p LAB_PREFIX LAB_STATE LAB_SITES LAB_NAT LAB_LAN LAB_SCENARIO LAB_LINK_NAME LAB_LINK_RATE \
+    declare -p LAB_PREFIX LAB_STATE LAB_SITES LAB_NAT LAB_LAN LAB_IPV6 LAB_SCENARIO LAB_LINK_NAME LAB_LINK_RATE \
         LAB_LINK_UPRATE LAB_LINK_DELAY LAB_LINK_JITTER LAB_LINK_LOSS LAB_LINK_QUEUE |
         sed "s/^declare /declare -g /" >"$LAB_STATE/env"
 }
@@ -172,6 +228,7 @@ lab_start_emulator() {
     local pidfile="$LAB_STATE/emu-$tag.pid"
     ip netns exec "$(lab_ns emu)" "$bin" run --a "s${s}w${i}a" --b "s${s}w${i}b" \
         --control "$LAB_STATE/emu-$tag.sock" --pid-file "$pidfile" --seed "$((s * 100 + i + 1))" \
+        ${LAB_EMU_REALTIME:+--realtime} \
         --set "up $common rate_mbit=${LAB_LINK_UPRATE[$i]}" \
         --set "down $common rate_mbit=${LAB_LINK_RATE[$i]}" \
         >"$LAB_STATE/emu-$tag.log" 2>&1 &
@@ -202,6 +259,10 @@ lab_build() {
         lab_log "--nat needs nft (apt-get install nftables)"
         return 1
     fi
+    if ((LAB_NAT)) && ! command -v conntrack >/dev/null; then
+        lab_log "--nat needs conntrack, for lab_nat_rebind (apt-get install conntrack)"
+        return 1
+    fi
     mkdir -p "$LAB_STATE" || return 1
     : >"$LAB_STATE/pids"
     echo "$$" >"$LAB_STATE/owner"
@@ -225,6 +286,12 @@ lab_build() {
     ip -n "$(lab_ns inet)" addr add "$LAB_HUB_GW/24" dev hub0 || return 1
     ip -n "$(lab_ns hub)" addr add "$LAB_HUB_IP/24" dev eth0 || return 1
     ip -n "$(lab_ns hub)" route add default via "$LAB_HUB_GW" || return 1
+    if ((LAB_IPV6)); then
+        lab_sysctl inet net.ipv6.conf.all.forwarding=1 || return 1
+        ip -n "$(lab_ns inet)" addr add "$LAB_HUB_GW6/64" dev hub0 nodad || return 1
+        ip -n "$(lab_ns hub)" addr add "$LAB_HUB_IP6/64" dev eth0 nodad || return 1
+        ip -n "$(lab_ns hub)" -6 route add default via "$LAB_HUB_GW6" || return 1
+    fi
     if ((LAB_NAT)); then
         ip netns exec "$(lab_ns inet)" nft -f - <<'EOF' || return 1
 table ip wgblab {
@@ -255,12 +322,28 @@ EOF
             if ((i == 0)); then
                 ip -n "$(lab_ns "$site")" route add default via "$gw" dev "$wan" || return 1
             fi
+            if ((LAB_IPV6)); then
+                # The same plan in IPv6 (no NAT: v6 WANs are routed), fd00:1SI::/64 per WAN.
+                local ip6 gw6
+                ip6=$(lab_wan_ip6 "$s" "$i") gw6=$(lab_wan_gw6 "$s" "$i")
+                ip -n "$(lab_ns "$site")" addr add "$ip6/64" dev "$wan" nodad || return 1
+                ip -n "$(lab_ns inet)" addr add "$gw6/64" dev "$rtr" nodad || return 1
+                ip -n "$(lab_ns "$site")" -6 route add "fd00:1$s$i::/64" dev "$wan" table "$table" || return 1
+                ip -n "$(lab_ns "$site")" -6 route add default via "$gw6" dev "$wan" table "$table" || return 1
+                ip -n "$(lab_ns "$site")" -6 rule add from "$ip6" lookup "$table" priority "$((1000 + i))" || return 1
+                if ((i == 0)); then
+                    ip -n "$(lab_ns "$site")" -6 route add default via "$gw6" dev "$wan" || return 1
+                fi
+            fi
             if ((LAB_NAT)); then
                 local pub
                 pub=$(lab_public_ip "$s" "$i")
                 ip -n "$(lab_ns inet)" addr add "$pub/32" dev hub0 || return 1
+                # One chain per WAN, so lab_nat_rebind can swap its mapping alone.
+                ip netns exec "$(lab_ns inet)" nft add chain ip wgblab "w$s$i" || return 1
+                ip netns exec "$(lab_ns inet)" nft add rule ip wgblab "w$s$i" snat to "$pub" || return 1
                 ip netns exec "$(lab_ns inet)" nft add rule ip wgblab postrouting \
-                    oifname hub0 ip saddr "10.1$s$i.0.0/24" snat to "$pub" || return 1
+                    oifname hub0 ip saddr "10.1$s$i.0.0/24" jump "w$s$i" || return 1
             fi
             lab_start_emulator "$s" "$i" "$bin" || return 1
         done
@@ -273,11 +356,11 @@ EOF
     done
 }
 
-# lab_up SCENARIO [--sites N] [--nat] [--no-lan]: builds the lab; on any failure tears down
+# lab_up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6]: builds the lab; on any failure tears down
 # what it built and returns 1.
 lab_up() {
     local scenario=""
-    LAB_SITES=1 LAB_NAT=0 LAB_LAN=1
+    LAB_SITES=1 LAB_NAT=0 LAB_LAN=1 LAB_IPV6=0
     while (($#)); do
         case $1 in
         --sites)
@@ -286,6 +369,7 @@ lab_up() {
             ;;
         --nat) LAB_NAT=1 ;;
         --no-lan) LAB_LAN=0 ;;
+        --ipv6) LAB_IPV6=1 ;;
         -*)
             lab_log "unknown option '$1'"
             return 1
@@ -295,7 +379,7 @@ lab_up() {
         shift
     done
     if [[ -z $scenario ]]; then
-        lab_log "usage: lab_up SCENARIO [--sites N] [--nat] [--no-lan]"
+        lab_log "usage: lab_up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6]"
         return 1
     fi
     if ! [[ $LAB_SITES =~ ^[1-9]$ ]] || ((LAB_SITES > LAB_MAX_SITES)); then
@@ -328,6 +412,9 @@ lab_alive() {
 
 # Ends PIDs: TERM, up to 3 s to exit, then KILL.
 lab_kill_pids() {
+    # Cleanup must run to the end even in a caller that uses set -e / pipefail.
+    local -
+    set +e +o pipefail
     local pid alive=() tries
     for pid in "$@"; do
         [[ $pid =~ ^[0-9]+$ ]] || continue
@@ -345,14 +432,19 @@ lab_kill_pids() {
         kill -KILL "$pid" 2>/dev/null
     done
     # Reap our own children quietly; others are not ours to wait for.
+    local children
+    children=" $(jobs -p | tr '\n' ' ') "
     for pid in "$@"; do
-        wait "$pid" 2>/dev/null
+        [[ $children == *" $pid "* ]] && { wait "$pid"; } 2>/dev/null
     done
     return 0
 }
 
 # Removes every process, namespace and state file of the lab with prefix $1 (default: ours).
 lab_down_prefix() {
+    # Cleanup must run to the end even in a caller that uses set -e / pipefail.
+    local -
+    set +e +o pipefail
     local prefix=$1 state="$LAB_RUN_DIR/${1%-}" ns pids=()
     [[ -f $state/pids ]] && mapfile -t -O "${#pids[@]}" pids <"$state/pids"
     lab_kill_pids "${pids[@]}"
@@ -371,6 +463,8 @@ lab_down_prefix() {
 # Tears down this shell's lab; safe to call twice and from a trap.
 lab_down() {
     local status=$?
+    local -
+    set +e +o pipefail
     lab_kill_pids "${LAB_PIDS[@]}"
     LAB_PIDS=()
     lab_down_prefix "$LAB_PREFIX"
@@ -397,6 +491,47 @@ lab_emu() {
     fi
     lab_link_index "$link" >/dev/null || return 1
     "$(lab_linkemu_bin)" ctl "$LAB_STATE/emu-s$site-$link.sock" "$@"
+}
+
+# lab_cycle [SITE:]LINK NORMAL_S EVENT_S COUNT "EVENT CMD" "NORMAL CMD": in the background,
+# COUNT times: run EVENT CMD on the link's emulator, wait EVENT_S, run NORMAL CMD, wait
+# NORMAL_S. E.g. satellite handovers every 15 s:
+#   lab_cycle sat 15 0.1 20 "set both delay_ms=380" "set both delay_ms=300"
+# PID in LAB_LAST_PID; lab_down stops it.
+lab_cycle() {
+    local link=$1 normal_s=$2 event_s=$3 count=$4 event=$5 normal=$6
+    if ! [[ $count =~ ^[0-9]+$ ]] || ((count > 10000)); then
+        lab_log "lab_cycle: COUNT must be 0..10000"
+        return 1
+    fi
+    lab_link_index "${link#*:}" >/dev/null || return 1
+    (
+        # Killed by lab_down: take the running sleep along, so nothing is left behind.
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        nap=""
+        for ((n = 0; n < count; n++)); do
+            # shellcheck disable=SC2086 # the commands are word lists on purpose
+            lab_emu "$link" $event >/dev/null || exit 1
+            sleep "$event_s" &
+            nap=$!
+            wait "$nap"
+            # shellcheck disable=SC2086
+            lab_emu "$link" $normal >/dev/null || exit 1
+            sleep "$normal_s" &
+            nap=$!
+            wait "$nap"
+        done
+    ) &
+    LAB_LAST_PID=$!
+    LAB_PIDS+=("$LAB_LAST_PID")
+    [[ -d $LAB_STATE ]] && echo "$LAB_LAST_PID" >>"$LAB_STATE/pids"
+    return 0
+}
+
+# lab_flap [SITE:]LINK UP_S DOWN_S COUNT: a flapping link, COUNT outages of DOWN_S seconds
+# UP_S seconds apart (see lab_cycle).
+lab_flap() {
+    lab_cycle "$1" "$2" "$3" "$4" "outage on" "outage off"
 }
 
 # Value of one KEY from a `stats`/`show` reply: lab_emu_get cable up.passed_packets
@@ -426,13 +561,16 @@ lab_attach() {
 
 # Removes labs whose owner process is gone (crashed runs); with --all, every wgb-* lab.
 lab_gc() {
+    # Cleanup must run to the end even in a caller that uses set -e / pipefail.
+    local -
+    set +e +o pipefail
     local all=0 prefixes=() ns prefix owner
     [[ ${1:-} == --all ]] && all=1
     for ns in $(ip netns list | awk '{print $1}' | grep -E '^wgb-[0-9]+-'); do
         prefixes+=("$(sed -E 's/^(wgb-[0-9]+-).*/\1/' <<<"$ns")")
     done
-    for prefix in $(ls -d "$LAB_RUN_DIR"/wgb-*/ 2>/dev/null); do
-        prefixes+=("$(basename "$prefix")-")
+    for prefix in "$LAB_RUN_DIR"/wgb-*/; do
+        [[ -d $prefix ]] && prefixes+=("$(basename "$prefix")-")
     done
     for prefix in $(printf '%s\n' "${prefixes[@]}" | sort -u); do
         owner=$(cat "$LAB_RUN_DIR/${prefix%-}/owner" 2>/dev/null)
@@ -509,7 +647,7 @@ lab_main() {
     gc) lab_gc "$@" ;;
     status) lab_status ;;
     *)
-        echo "usage: $0 up SCENARIO [--sites N] [--nat] [--no-lan] | down [PREFIX] | emu [--prefix P] [SITE:]LINK CMD... | status | gc [--all]" >&2
+        echo "usage: $0 up SCENARIO [--sites N] [--nat] [--no-lan] [--ipv6] | down [PREFIX] | emu [--prefix P] [SITE:]LINK CMD... | status | gc [--all]" >&2
         return 2
         ;;
     esac

@@ -15,9 +15,9 @@ if [[ $(id -u) != 0 ]]; then
     echo "0 passed, 1 failed"
     exit 1
 fi
-for tool in ip ethtool iperf3 ping ss nft timeout awk; do
+for tool in ip ethtool iperf3 ping ss nft conntrack timeout awk; do
     if ! command -v "$tool" >/dev/null; then
-        echo "run-netns-tests: missing '$tool' (apt-get install iproute2 ethtool iperf3 iputils-ping nftables)" >&2
+        echo "run-netns-tests: missing '$tool' (apt-get install iproute2 ethtool iperf3 iputils-ping nftables conntrack)" >&2
         echo "0 passed, 1 failed"
         exit 1
     fi

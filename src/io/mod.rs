@@ -4,5 +4,8 @@
 pub mod allowed_ips;
 pub mod control;
 pub mod daemon;
+pub mod hooks;
 pub mod launch;
+pub mod metrics;
 pub mod netcfg;
+pub mod systemd;

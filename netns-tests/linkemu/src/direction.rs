@@ -14,6 +14,8 @@ use crate::shaper::{DropReason, Shaper};
 const RECV_BUFFER_BYTES: usize = 65_536;
 /// Frames received per wake-up before releasing due frames, so a flood cannot delay releases.
 const RECV_BATCH: usize = 256;
+/// How often the kernel's drop counter of the receive socket is read.
+const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Spare frame buffers kept for reuse.
 const POOL_LIMIT: usize = 4096;
 
@@ -38,6 +40,8 @@ pub struct DirStats {
     pub drop_oversize: AtomicU64,
     /// Frames the egress send refused.
     pub send_errors: AtomicU64,
+    /// Frames the kernel dropped before we read them (our receive buffer was full).
+    pub kernel_drops: AtomicU64,
     /// Frames currently held in the queue or in flight.
     pub held: AtomicU64,
 }
@@ -55,6 +59,7 @@ impl DirStats {
             ("drop_outage", &self.drop_outage),
             ("drop_oversize", &self.drop_oversize),
             ("send_errors", &self.send_errors),
+            ("kernel_drops", &self.kernel_drops),
             ("held", &self.held),
         ];
         fields
@@ -76,6 +81,7 @@ impl DirStats {
             &self.drop_outage,
             &self.drop_oversize,
             &self.send_errors,
+            &self.kernel_drops,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
@@ -179,18 +185,42 @@ fn wait(rx: &PacketSocket, waker: &Waker, timeout: Option<Duration>) -> io::Resu
     Ok(())
 }
 
+/// Real-time priority asked for with `--realtime`: above ordinary processes, low among RT ones.
+const REALTIME_PRIORITY: libc::c_int = 10;
+
+/// Puts the calling thread in SCHED_FIFO, so that busy neighbours (builds, iperf3) do not delay
+/// frame releases; the thread sleeps between frames, so it cannot starve the machine.
+fn make_realtime(name: &str) {
+    let param = libc::sched_param {
+        sched_priority: REALTIME_PRIORITY,
+    };
+    // SAFETY: pthread_self() is the calling thread; param is a valid sched_param.
+    let ret =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if ret != 0 {
+        eprintln!(
+            "linkemu: {name}: no real-time priority ({}); release times may slip under load",
+            io::Error::from_raw_os_error(ret)
+        );
+    }
+}
+
 /// Moves frames from `rx` to `tx` through a shaper until `stop` is set.
 pub fn run(
     shared: &DirShared,
     rx: &PacketSocket,
     tx: &PacketSocket,
     seed: u64,
+    realtime: bool,
     stop: &AtomicBool,
 ) -> io::Result<()> {
     // Release times are microseconds apart at 100 Mbit/s: ask for 1 us timer slack instead of
     // the default 50 us. Failure only costs precision.
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
+    if realtime {
+        make_realtime(shared.name);
+    }
     let stats = &shared.stats;
     let initial = shared
         .params
@@ -201,6 +231,7 @@ pub fn run(
     let mut generation = shared.generation.load(Ordering::Acquire);
     let mut buf = vec![0u8; RECV_BUFFER_BYTES];
     let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut next_drop_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let current = shared.generation.load(Ordering::Acquire);
         if current != generation {
@@ -264,6 +295,15 @@ pub fn run(
             }
         }
         stats.held.store(shaper.held() as u64, Ordering::Relaxed);
+        // The kernel resets its counter on each read; a syscall per wake-up would cost more
+        // than the counter is worth, so read it every 100 ms.
+        if now >= next_drop_check {
+            next_drop_check = now + DROP_CHECK_INTERVAL;
+            let kernel_drops = rx.take_kernel_drops();
+            stats
+                .kernel_drops
+                .fetch_add(kernel_drops, Ordering::Relaxed);
+        }
         let timeout = shaper
             .next_release()
             .map(|at| at.saturating_duration_since(Instant::now()));

@@ -61,6 +61,10 @@ enum Command {
         /// Write our PID here once ready to forward frames.
         #[arg(long)]
         pid_file: Option<PathBuf>,
+        /// Run the forwarding threads at real-time priority (SCHED_FIFO), so other load on the
+        /// machine does not add delay.
+        #[arg(long)]
+        realtime: bool,
     },
     /// Send one command to a running emulator and print its reply.
     Ctl {
@@ -101,14 +105,27 @@ fn bind_control(path: &Path) -> Result<UnixListener, String> {
     UnixListener::bind(path).map_err(|err| format!("control socket {}: {err}", path.display()))
 }
 
-fn run(
-    a: &str,
-    b: &str,
-    control_path: &Path,
+/// What `linkemu run` was asked to do.
+struct RunOptions<'a> {
+    a: &'a str,
+    b: &'a str,
+    control_path: &'a Path,
     seed: u64,
-    settings: &[String],
-    pid_file: Option<&Path>,
-) -> Result<(), String> {
+    settings: &'a [String],
+    pid_file: Option<&'a Path>,
+    realtime: bool,
+}
+
+fn run(options: &RunOptions<'_>) -> Result<(), String> {
+    let RunOptions {
+        a,
+        b,
+        control_path,
+        seed,
+        settings,
+        pid_file,
+        realtime,
+    } = *options;
     let mut initial = [DirParams::default(), DirParams::default()];
     for setting in settings {
         let words: Vec<&str> = setting.split_whitespace().collect();
@@ -143,7 +160,7 @@ fn run(
         let exit_tx = exit_tx.clone();
         let dir_seed = seed.wrapping_mul(2).wrapping_add(index as u64);
         workers.push(thread::spawn(move || {
-            if let Err(err) = direction::run(&dir, &rx, &tx, dir_seed, &stop) {
+            if let Err(err) = direction::run(&dir, &rx, &tx, dir_seed, realtime, &stop) {
                 let _ = exit_tx.send(format!("{} direction failed: {err}", dir.name));
             }
         }));
@@ -203,7 +220,16 @@ fn main() -> ExitCode {
             seed,
             settings,
             pid_file,
-        } => run(&a, &b, &control, seed, &settings, pid_file.as_deref()),
+            realtime,
+        } => run(&RunOptions {
+            a: &a,
+            b: &b,
+            control_path: &control,
+            seed,
+            settings: &settings,
+            pid_file: pid_file.as_deref(),
+            realtime,
+        }),
         Command::Ctl { socket, words } => match control::request(&socket, &words.join(" ")) {
             Ok(reply) => {
                 println!("{reply}");

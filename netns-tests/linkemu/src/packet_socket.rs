@@ -174,6 +174,28 @@ impl PacketSocket {
         }
     }
 
+    /// Frames the kernel dropped for this socket since the last call (receive buffer full).
+    pub fn take_kernel_drops(&self) -> u64 {
+        // SAFETY: tpacket_stats is plain data; all-zero is a valid value.
+        let mut stats: libc::tpacket_stats = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: stats and len are valid out pointers of the declared size.
+        let ret = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut stats as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if ret < 0 {
+            0
+        } else {
+            u64::from(stats.tp_drops)
+        }
+    }
+
     /// The descriptor, for poll.
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -12,7 +12,8 @@
 #   +---------------------------+                  +-------------------------------+
 #
 # Checks: `up` returns once ready; ping through the bond; a 50 MB TCP transfer each way with
-# sha256-verified content; `show` lists both links with RTT and bytes on both ends; `down`
+# sha256-verified content; `show` lists both links with RTT and bytes on both ends; the hub's
+# metrics endpoint reports both links' bytes; `down`
 # restores `ip link/addr/rule/route` exactly; a failed `up` (missing WAN) changes nothing.
 # Prints "PASS name: detail" / "FAIL name: detail" lines; exits non-zero on any failure.
 # Needs root, iproute2, python3. WGBOND=path/to/wgbond (default: target/release/wgbond);
@@ -79,6 +80,7 @@ cat >"$TMP/wgbhub.toml" <<EOF
 private_key = "$HUB_KEY"
 address = ["10.99.0.1/24"]
 listen_port = 51820
+metrics_listen = "127.0.0.1:9586"
 
 [bond]
 mode = "$MODE"
@@ -318,6 +320,20 @@ print(("ok " if names == ["wan0", "wan1"] and not bad else "bad ") + detail)
 check_show wgbsite "$SITE_NS"
 check_show wgbhub "$HUB_NS"
 in_site "$WGBOND" show wgbsite | sed 's/^/    /'
+
+# --- Prometheus metrics on the hub ---------------------------------------------------------------
+verdict=$(in_hub python3 -c '
+import re, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9586/metrics", timeout=5).read().decode()
+tx = {m.group(1): float(m.group(2)) for m in re.finditer(r"wgbond_link_tx_bytes_total\{[^}]*link=\"([^\"]+)\"[^}]*\} (\S+)", text)}
+ok = sorted(tx) == ["wan0", "wan1"] and all(v > 1e6 for v in tx.values())
+print(("ok " if ok else "bad ") + "link tx bytes %s" % tx)
+' 2>&1)
+if [[ $verdict == ok* ]]; then
+    pass metrics "${verdict#ok }"
+else
+    fail metrics "${verdict#bad }"
+fi
 
 # --- down restores everything ------------------------------------------------------------------
 if out=$(in_site timeout 40 "$WGBOND" down wgbsite 2>&1); then

@@ -31,7 +31,10 @@ use super::allowed_ips::{packet_destination, packet_source, AllowedIps};
 use super::control::{
     self, BondStatus, InterfaceDrops, InterfaceStatus, LinkStatus, PeerStatus, Reply, Request,
 };
+use super::hooks::{self, HookStage};
+use super::metrics::{LinkMetrics, MetricsServer, MetricsSnapshot, PeerMetrics};
 use super::netcfg::{self, AppliedNet, NetPlan, RouteTableSetting, WanBind, WanLinkPlan};
+use super::systemd;
 use crate::bond::{self, Bond, Event, LinkId, LinkState};
 use crate::config::{Config, LinkBind, PeerConfig, Role, RouteTable};
 use crate::keys;
@@ -47,6 +50,8 @@ const LINK_REFRESH: Duration = Duration::from_secs(60);
 const WAN_SETTLE: Duration = Duration::from_millis(300);
 /// UDP socket buffer size asked for (the kernel caps it at net.core.*mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// How often the metrics snapshot (and systemd's status line) is refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Runs the daemon for `config` until `down`, SIGTERM or SIGINT; tears everything down.
 pub fn run_foreground(config: Config) -> Result<(), String> {
@@ -58,8 +63,16 @@ pub fn run_foreground(config: Config) -> Result<(), String> {
         // Signals are caught from here on: a SIGTERM during start-up is seen by the loop at
         // once and still gets a clean teardown.
         let mut signals = Signals::new()?;
-        let mut daemon = Daemon::start(config).await?;
-        notify_systemd("READY=1");
+        let mut daemon = match Daemon::start(config).await {
+            Ok(d) => d,
+            Err(e) => {
+                // `systemctl status` (and `up` waiting on our notifications) shows the reason.
+                systemd::notify_status(&e);
+                return Err(e);
+            }
+        };
+        daemon.refresh_metrics(Instant::now());
+        systemd::notify_ready(&daemon.status_line());
         info!(interface = %daemon.config.name, "up");
         // A bug that panics in the loop must not leave routes and rules behind.
         let ran = match std::panic::AssertUnwindSafe(daemon.run(&mut signals))
@@ -69,7 +82,7 @@ pub fn run_foreground(config: Config) -> Result<(), String> {
             Ok(r) => r,
             Err(_) => Err("internal error (panic) in the event loop".to_owned()),
         };
-        notify_systemd("STOPPING=1");
+        systemd::notify_stopping();
         let down = daemon.shutdown().await;
         ran.and(down)
     })
@@ -157,6 +170,13 @@ struct Daemon {
     wan_changes: Option<mpsc::Receiver<()>>,
     wan_watcher: Option<tokio::task::JoinHandle<()>>,
     rr: usize,
+    watchdog: systemd::Watchdog,
+    /// What `metrics_listen` serves, refreshed every [`METRICS_REFRESH`].
+    metrics: Option<std::sync::Arc<std::sync::Mutex<MetricsSnapshot>>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    next_metrics: Instant,
+    /// The last status line sent to systemd.
+    status_sent: String,
     tun_buf: Vec<u8>,
     net_buf: Vec<u8>,
     out_buf: Vec<u8>,
@@ -173,7 +193,13 @@ impl Daemon {
         }
         // Nothing changes on the system before every name resolves.
         let endpoints = resolve_endpoints(&config).await?;
-        run_hooks("pre_up", &config.interface.pre_up, &name)?;
+        hooks::run_async(
+            HookStage::PreUp,
+            config.interface.pre_up.clone(),
+            name.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
 
         let tun = tun_rs::DeviceBuilder::new()
             .name(&name)
@@ -194,6 +220,18 @@ impl Daemon {
                 return Err(e);
             }
         };
+        // Bound before READY, so a busy port fails `up` with a clear error.
+        let metrics_server = match config.interface.metrics_listen {
+            Some(addr) => match MetricsServer::bind(addr).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    drop(ends);
+                    undo_net(net).await;
+                    return Err(e.to_string());
+                }
+            },
+            None => None,
+        };
         let _ = std::fs::remove_file(&socket_path);
         let listener = match bind_control(&socket_path) {
             Ok(l) => l,
@@ -202,6 +240,17 @@ impl Daemon {
                 undo_net(net).await;
                 return Err(e);
             }
+        };
+        let (metrics, metrics_task) = match metrics_server {
+            Some(server) => {
+                let latest = std::sync::Arc::new(std::sync::Mutex::new(MetricsSnapshot::default()));
+                let source = std::sync::Arc::clone(&latest);
+                let task = tokio::spawn(
+                    server.serve(move || source.lock().map(|s| s.clone()).unwrap_or_default()),
+                );
+                (Some(latest), Some(task))
+            }
+            None => (None, None),
         };
 
         let now = Instant::now();
@@ -266,14 +315,20 @@ impl Daemon {
             wan_changes,
             wan_watcher,
             rr: 0,
+            watchdog: systemd::Watchdog::from_env(),
+            metrics,
+            metrics_task,
+            next_metrics: now,
+            status_sent: String::new(),
             tun_buf: vec![0; MAX_BUF],
             net_buf: vec![0; MAX_BUF],
             out_buf: vec![0; MAX_BUF],
             plain: Vec::with_capacity(MAX_BUF),
         };
-        if let Err(e) = run_hooks("post_up", &daemon.config.interface.post_up, &name) {
+        let post_up = daemon.config.interface.post_up.clone();
+        if let Err(e) = hooks::run_async(HookStage::PostUp, post_up, name.clone()).await {
             let _ = daemon.shutdown().await;
-            return Err(e);
+            return Err(e.to_string());
         }
         Ok(daemon)
     }
@@ -370,6 +425,17 @@ impl Daemon {
             }
             self.run_timers(now);
             self.drain(now);
+            // In the data path: a stuck loop stops the keep-alives and systemd restarts us.
+            self.watchdog.kick(now);
+            if now >= self.next_metrics {
+                self.next_metrics = now + METRICS_REFRESH;
+                self.refresh_metrics(now);
+                let line = self.status_line();
+                if line != self.status_sent {
+                    systemd::notify_status(&line);
+                    self.status_sent = line;
+                }
+            }
             if now >= self.next_refresh {
                 self.next_refresh = now + LINK_REFRESH;
                 self.refresh_links().await;
@@ -382,7 +448,11 @@ impl Daemon {
         self.peers
             .iter()
             .filter_map(|p| p.bond.poll_timeout())
-            .fold(self.next_tick.min(self.next_refresh), Instant::min)
+            .chain(self.watchdog.deadline())
+            .fold(
+                self.next_tick.min(self.next_refresh).min(self.next_metrics),
+                Instant::min,
+            )
     }
 
     fn run_timers(&mut self, now: Instant) {
@@ -667,6 +737,72 @@ impl Daemon {
         }
     }
 
+    /// Copies the counters into the snapshot `metrics_listen` serves.
+    fn refresh_metrics(&mut self, now: Instant) {
+        let Some(shared) = &self.metrics else {
+            return;
+        };
+        let snapshot = self.metrics_snapshot(now);
+        if let Ok(mut slot) = shared.lock() {
+            *slot = snapshot;
+        }
+    }
+
+    /// The one-line summary for `systemctl status`.
+    fn status_line(&self) -> String {
+        systemd::status_summary(&self.metrics_snapshot(Instant::now()))
+    }
+
+    fn metrics_snapshot(&self, now: Instant) -> MetricsSnapshot {
+        let status = self.status(now);
+        let d = &status.drops;
+        let drops = [
+            ("no_route", d.tx_no_route),
+            ("tun_write", d.tun_write),
+            ("udp_send", d.udp_send),
+            ("no_session", d.no_session_tx + d.no_session),
+            ("malformed", d.malformed),
+            ("unauthenticated", d.unauthenticated),
+            ("replayed", d.replayed),
+            ("unknown_peer", d.unknown_peer),
+            ("unbound", d.unbound),
+            ("rate_limited", d.rate_limited),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
+        let peers = self
+            .peers
+            .iter()
+            .zip(&status.peers)
+            .map(|(p, ps)| PeerMetrics {
+                name: p.config.name.clone(),
+                public_key: ps.public_key.clone(),
+                bond: p.bond.stats(),
+                rx_not_allowed: p.rx_source_drops,
+                links: p
+                    .bond
+                    .link_stats()
+                    .into_iter()
+                    .map(|(id, stats)| LinkMetrics {
+                        since_handshake: ps
+                            .links
+                            .iter()
+                            .find(|l| l.id == id.0)
+                            .and_then(|l| l.latest_handshake_secs)
+                            .map(Duration::from_secs),
+                        stats,
+                    })
+                    .collect(),
+            })
+            .collect();
+        MetricsSnapshot {
+            interface: self.config.name.clone(),
+            peers,
+            drops,
+        }
+    }
+
     /// The `show` answer.
     fn status(&self, now: Instant) -> InterfaceStatus {
         let public = keys::public_from_private(&self.config.interface.private_key);
@@ -784,8 +920,12 @@ impl Daemon {
     async fn shutdown(&mut self) -> Result<(), String> {
         let name = self.config.name.clone();
         let mut errors = Vec::new();
-        if let Err(e) = run_hooks("pre_down", &self.config.interface.pre_down, &name) {
-            errors.push(e);
+        let pre_down = self.config.interface.pre_down.clone();
+        if let Err(e) = hooks::run_async(HookStage::PreDown, pre_down, name.clone()).await {
+            errors.push(e.to_string());
+        }
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
         }
         if let Some(task) = self.wan_watcher.take() {
             task.abort();
@@ -800,8 +940,9 @@ impl Daemon {
         // Closing the (non-persistent) TUN device removes it.
         self.tun = None;
         let _ = std::fs::remove_file(&self.socket_path);
-        if let Err(e) = run_hooks("post_down", &self.config.interface.post_down, &name) {
-            errors.push(e);
+        let post_down = self.config.interface.post_down.clone();
+        if let Err(e) = hooks::run_async(HookStage::PostDown, post_down, name.clone()).await {
+            errors.push(e.to_string());
         }
         if errors.is_empty() {
             info!(interface = %name, "down");
@@ -1133,44 +1274,6 @@ fn hub_socket(port: u16, mark: Option<u32>) -> io::Result<UdpSocket> {
 async fn undo_net(net: AppliedNet) {
     if let Err(e) = net.teardown().await {
         error!("undoing the network configuration: {e}");
-    }
-}
-
-/// Runs wg-quick style hooks (`%i` is the interface name) with `sh -c`; the first failure
-/// stops the list.
-fn run_hooks(stage: &str, commands: &[String], name: &str) -> Result<(), String> {
-    for cmd in commands {
-        let cmd = cmd.replace("%i", name);
-        info!(stage, command = %cmd, "hook");
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .stdin(std::process::Stdio::null())
-            .status()
-            .map_err(|e| format!("{stage} hook `{cmd}`: cannot run sh: {e}"))?;
-        if !status.success() {
-            return Err(format!("{stage} hook `{cmd}` failed ({status})"));
-        }
-    }
-    Ok(())
-}
-
-/// Tells systemd (Type=notify) about our state, if it is listening.
-fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt as _;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(abstract_name) => std::os::unix::net::SocketAddr::from_abstract_name(abstract_name),
-        None => std::os::unix::net::SocketAddr::from_pathname(std::path::Path::new(&path)),
-    };
-    if let Ok(addr) = addr {
-        let _ = sock.send_to_addr(state.as_bytes(), &addr);
     }
 }
 

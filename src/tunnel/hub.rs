@@ -436,6 +436,34 @@ impl HubSessions {
         });
     }
 
+    /// Accepts a new peer (config reload); returns its index, the next after every earlier
+    /// one (indexes of removed peers are not reused).
+    pub fn add_peer(&mut self, keys: TunnelKeys) -> PeerIndex {
+        let index = self.peers.len();
+        self.peer_by_key.insert(keys.peer_public_key, index);
+        self.peers.push(keys);
+        index
+    }
+
+    /// Forgets a peer (config reload): its sessions end at once (no events), and its key is
+    /// no longer accepted. Its index stays taken.
+    pub fn remove_peer(&mut self, peer: PeerIndex) {
+        if let Some(key) = self.peers.get(peer).map(|k| k.peer_public_key) {
+            if self.peer_by_key.get(&key) == Some(&peer) {
+                self.peer_by_key.remove(&key);
+            }
+        }
+        let gone: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(&i, _)| i)
+            .collect();
+        for index in gone {
+            self.remove_session_quiet(index);
+        }
+    }
+
     /// Removes a session; reports its link as gone if it was bound.
     fn remove_session(&mut self, index: u32) {
         if let Some((peer, Some(link))) = self.remove_session_quiet(index) {

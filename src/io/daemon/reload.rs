@@ -447,6 +447,10 @@ impl Daemon {
                 return Err(e);
             }
         };
+        // tokio's `try_send_to` fails with WouldBlock until the reactor has seen the new
+        // socket writable once: without this the first handshake would be dropped and retried
+        // only after boringtun's 5 s timer.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.writable()).await;
         let Ends::Site { links } = &mut self.ends else {
             return Err("not a site".into());
         };

@@ -10,8 +10,9 @@
 # gets SIGHUP: it keeps its pid, `show --json` lists wan1 + wan2 with the new mode, wan2 carries
 # traffic, and both transfers complete intact. Then a config with an error and one that changes
 # the MTU are refused: the daemon keeps running with the same links and logs why. `dns` goes
-# through resolvconf (a fake one on PATH that records its calls) at up and down. After `down`
-# the site's `ip` state is exactly as before `up`.
+# through resolvconf (a fake one on PATH that records its calls) at up and down. The site gets a
+# new allowed_ips prefix (routed), the hub a second peer (shown, routed), then loses it. After
+# `down` both ends' `ip` state is exactly as before `up`.
 # Prints "PASS name: detail" / "FAIL name: detail" lines; exits non-zero on any failure.
 # Needs root, iproute2, python3. WGBOND=path/to/wgbond (default: target/release/wgbond);
 # MB=120 per direction, RATE_MBIT=100 pacing of each transfer.
@@ -70,7 +71,7 @@ mode = "$mode"
 [[peer]]
 name = "hub"
 public_key = "$HUB_PUB"
-allowed_ips = ["10.99.0.1/32"]
+allowed_ips = ["10.99.0.1/32"${SITE_EXTRA_ALLOWED:-}]
 endpoint = "203.0.113.1:51820"
 EOF
     for link in "$@"; do
@@ -80,7 +81,10 @@ EOF
 }
 SITE_CONF="$TMP/wgbsite.toml"
 site_config auto 1400 wan0 wan1 >"$SITE_CONF"
-cat >"$TMP/wgbhub.toml" <<EOF
+HUB_CONF="$TMP/wgbhub.toml"
+OTHER_PUB=$("$WGBOND" genkey | "$WGBOND" pubkey)
+hub_config() { # hub_config [with-other-peer]
+    cat <<EOF
 [interface]
 private_key = "$HUB_KEY"
 address = ["10.99.0.1/24"]
@@ -91,12 +95,18 @@ name = "site"
 public_key = "$SITE_PUB"
 allowed_ips = ["10.99.0.2/32"]
 EOF
+    if [[ -n ${1:-} ]]; then
+        printf '\n[[peer]]\nname = "other"\npublic_key = "%s"\nallowed_ips = ["10.97.0.0/24"]\n' "$OTHER_PUB"
+    fi
+}
+hub_config >"$HUB_CONF"
 
 tl_settle "$SITE_NS" "$HUB_NS"
 SITE_BEFORE=$(tl_snapshot "$SITE_NS")
+HUB_BEFORE=$(tl_snapshot "$HUB_NS")
 
 # --- up ----------------------------------------------------------------------------------------
-if tl_up "$HUB_NS" "$TMP/wgbhub.toml" wgbhub; then
+if tl_up "$HUB_NS" "$HUB_CONF" wgbhub; then
     pass hub_up "up returned 0"
 else
     fail hub_up "$TL_OUT"
@@ -212,8 +222,12 @@ start_transfer upload "$SITE_NS" "$HUB_NS" 10.99.0.1 5001
 start_transfer download "$HUB_NS" "$SITE_NS" 10.99.0.2 5002
 sleep 3
 
-site_config stripe 1400 wan1:5 wan2 >"$SITE_CONF"
+SITE_EXTRA_ALLOWED=', "10.98.0.0/24"' site_config stripe 1400 wan1:5 wan2 >"$SITE_CONF"
 kill -HUP "$PID"
+# The hub gets a second peer at the same time.
+HUB_PID=$(tl_daemon_pid wgbhub)
+hub_config other >"$HUB_CONF"
+kill -HUP "$HUB_PID"
 now=""
 for ((try = 0; try < 100; try++)); do
     now=$(links wgbsite "$SITE_NS")
@@ -256,6 +270,36 @@ else
     fail reload_log "no 'reloaded:' line: $(tail -5 "$WGBOND_RUN_DIR/wgbsite.log")"
 fi
 
+route=$(in_site ip route show 10.98.0.0/24)
+if [[ $route == *"dev wgbsite"* ]]; then
+    pass site_allowed_ips "new allowed_ips routed: $route"
+else
+    fail site_allowed_ips "ip route show 10.98.0.0/24: '$route'"
+fi
+hub_peers() {
+    in_hub "$WGBOND" show wgbhub --json 2>/dev/null | python3 -c '
+import json, sys
+print(" ".join(sorted(p.get("name") or "?" for p in json.load(sys.stdin)[0]["peers"])))' 2>/dev/null
+}
+peers=$(hub_peers) route=$(in_hub ip route show 10.97.0.0/24)
+if [[ $peers == "other site" && $route == *"dev wgbhub"* ]]; then
+    pass hub_peer_added "hub peers: $peers; route: $route"
+else
+    fail hub_peer_added "hub peers: '$peers'; route: '$route'; log: $(tail -3 "$WGBOND_RUN_DIR/wgbhub.log")"
+fi
+hub_config >"$HUB_CONF"
+kill -HUP "$HUB_PID"
+for ((try = 0; try < 50; try++)); do
+    [[ $(hub_peers) == "site" ]] && break
+    sleep 0.1
+done
+peers=$(hub_peers) route=$(in_hub ip route show 10.97.0.0/24)
+if [[ $peers == "site" && -z $route ]] && tl_ping_until "$SITE_NS" 10.99.0.1; then
+    pass hub_peer_removed "hub peers: $peers; its route is gone; the site still reaches the hub"
+else
+    fail hub_peer_removed "hub peers: '$peers'; route: '$route'"
+fi
+
 # --- refused reloads -------------------------------------------------------------------------
 GOOD=$(cat "$SITE_CONF")
 refused() { # refused NAME EXPECTED_LOG_TEXT
@@ -279,7 +323,7 @@ refused() { # refused NAME EXPECTED_LOG_TEXT
     printf '\n[[link]]\nname = "wan0"\nbind_interface = "wan0"\nspeed = 7\n'
 } >"$SITE_CONF"
 refused invalid_config "$SITE_CONF:"
-site_config stripe 1300 wan0 wan1:5 wan2 >"$SITE_CONF"
+SITE_EXTRA_ALLOWED=', "10.98.0.0/24"' site_config stripe 1300 wan0 wan1:5 wan2 >"$SITE_CONF"
 refused restart_needed "mtu changed"
 echo "$GOOD" >"$SITE_CONF"
 if in_site ping -n -q -c 5 -i 0.1 -W 2 10.99.0.1 >/dev/null 2>&1; then
@@ -304,6 +348,15 @@ if grep -q '^args: -d tun.wgbsite -f$' "$TMP/resolvconf.log"; then
 else
     fail dns_down "resolvconf calls: $(cat "$TMP/resolvconf.log")"
 fi
-in_hub timeout 40 "$WGBOND" down wgbhub >/dev/null 2>&1
+if out=$(in_hub timeout 40 "$WGBOND" down wgbhub 2>&1); then
+    after=$(tl_snapshot "$HUB_NS")
+    if [[ $after == "$HUB_BEFORE" ]]; then
+        pass hub_down "ip state restored exactly"
+    else
+        fail hub_down "ip state differs: $(diff <(echo "$HUB_BEFORE") <(echo "$after") | head -20)"
+    fi
+else
+    fail hub_down "$out"
+fi
 
 exit "$FAILED"

@@ -264,6 +264,7 @@ if [[ $hub_links == *wan2:up:* ]]; then
 else
     fail hub_learned "hub: $hub_links"
 fi
+# shellcheck disable=SC2016  # the backticks are literal
 if grep -q 'reloaded: link `wan0` removed' "$WGBOND_RUN_DIR/wgbsite.log"; then
     pass reload_log "$(grep -o 'reloaded: .*' "$WGBOND_RUN_DIR/wgbsite.log" | tail -1)"
 else

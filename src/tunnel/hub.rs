@@ -664,6 +664,37 @@ mod tests {
     }
 
     #[test]
+    fn peers_added_and_removed_at_run_time() {
+        let (mut hub, hub_key, site_keys) = hub(1);
+        let new_key = random_key();
+        // Unknown until added.
+        let mut s = site(new_key, &hub_key, &[20], &["192.0.2.9:1000"]);
+        assert!(connect(&mut hub, &mut s, 0).is_empty());
+        assert_eq!(hub.counters().unknown_peer, 1);
+        assert_eq!(hub.add_peer(keys(hub_key, &new_key)), 1);
+        let mut s = site(new_key, &hub_key, &[21], &["192.0.2.9:1001"]);
+        let got = connect(&mut hub, &mut s, 0);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.peer, 1);
+        assert_eq!(hub.sessions().len(), 1);
+        // The first peer is not disturbed by the second one's removal.
+        let mut first = site(site_keys[0], &hub_key, &[22], &["198.51.100.1:5"]);
+        assert_eq!(connect(&mut hub, &mut first, 0).len(), 1);
+        hub.remove_peer(1);
+        assert_eq!(hub.sessions().len(), 1, "only peer 0's session is left");
+        assert!(hub.sessions().iter().all(|si| si.peer == 0));
+        assert!(send_data(&mut hub, &mut s, 0, &data_plaintext(100, 1)).is_empty());
+        assert_eq!(
+            send_data(&mut hub, &mut first, 0, &data_plaintext(100, 1)).len(),
+            1
+        );
+        // A removed peer's handshakes are refused again.
+        let mut again = site(new_key, &hub_key, &[23], &["192.0.2.9:1002"]);
+        assert!(connect(&mut hub, &mut again, 0).is_empty());
+        assert_eq!(hub.counters().unknown_peer, 2);
+    }
+
+    #[test]
     fn two_site_links_bind_and_carry_data() {
         let (mut hub, hub_key, site_keys) = hub(2);
         let mut s = site(

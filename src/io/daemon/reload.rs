@@ -156,10 +156,21 @@ pub(super) fn plan_reload(old: &Config, new: &Config) -> Result<ReloadPlan, Vec<
         }
         _ => {}
     }
+    // With `table = auto` a default route brings the full-tunnel rules: set up at start only.
+    let (old_nets, new_nets) = (all_allowed(old), all_allowed(new));
+    let defaults = |nets: &BTreeSet<IpNet>| {
+        nets.iter()
+            .filter(|n| n.prefix_len() == 0)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    if b.table == crate::config::RouteTable::Auto && defaults(&old_nets) != defaults(&new_nets) {
+        refused.push("a default route (0.0.0.0/0, ::/0) in allowed_ips".to_owned());
+    }
     if !refused.is_empty() {
         return Err(refused);
     }
-    plan.allowed_ips = all_allowed(old) != all_allowed(new);
+    plan.allowed_ips = old_nets != new_nets;
 
     for o in &old.links {
         match new.links.iter().find(|n| n.name == o.name) {
@@ -608,6 +619,11 @@ endpoint = "203.0.113.1:51820"
         let plan = plan_reload(&old, &new).unwrap_or_else(|e| panic!("refused: {e:?}"));
         assert!(plan.allowed_ips);
         assert_eq!(plan.update_peers.len(), 1);
+        let full = site(&link("a", "eth1", ""), "auto", "\"0.0.0.0/0\"");
+        assert_eq!(
+            plan_reload(&old, &full).err().unwrap_or_default(),
+            ["a default route (0.0.0.0/0, ::/0) in allowed_ips"]
+        );
 
         let hub = |peers: &[(&str, &str)]| {
             let mut text = format!(

@@ -320,6 +320,7 @@ impl Daemon {
                 });
             }
         }
+        let previous = self.config.peers.clone();
         for n in &plan.update_peers {
             if let Some(p) = self
                 .peers
@@ -336,6 +337,16 @@ impl Daemon {
                     let e = format!("routing the new allowed_ips: {e}");
                     error!("{e}");
                     failures.push(e);
+                    // The routes stayed as they were: so do the peers' allowed IPs, and the
+                    // next reload tries again.
+                    for p in self.peers.iter_mut().filter(|p| !p.removed) {
+                        if let Some(o) = previous
+                            .iter()
+                            .find(|o| o.public_key == p.config.public_key)
+                        {
+                            p.config.allowed_ips = o.allowed_ips.clone();
+                        }
+                    }
                 }
             }
         }

@@ -739,3 +739,125 @@ fn watcher_reports_wan_changes_but_not_wgbonds_own() {
         assert_same(&before, &snapshot_masking_qdisc(), "after teardown");
     });
 }
+
+/// The sorted snapshot without the TUN device's own header lines and `linkdown` flags, which
+/// change asynchronously after it goes up.
+fn routing_snapshot() -> Snapshot {
+    let mut s = sorted_lines(&snapshot_masking_qdisc());
+    for (_, text) in &mut s.0 {
+        *text = text
+            .lines()
+            .filter(|l| !l.contains(&format!(" {TUN}: ")))
+            .map(|l| l.replace(" linkdown", ""))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    s
+}
+
+#[test]
+fn reload_adds_and_removes_links_and_allowed_ips_with_rollback() {
+    in_netns("reload_links", || {
+        build_wans();
+        add_tun();
+        let before = snapshot_masking_qdisc();
+        let rt = runtime();
+        let mut plan = site_plan();
+        let lte = plan.links.remove(1);
+        let mut applied = rt
+            .block_on(apply(&plan))
+            .unwrap_or_else(|e| panic!("apply: {e}"));
+        let one_link = routing_snapshot();
+
+        // Adding a link: its own table and mark, its packets leave through its WAN.
+        let (routing, _) = rt
+            .block_on(applied.add_link(&lte))
+            .unwrap_or_else(|e| panic!("add_link: {e}"));
+        assert_eq!(applied.links().len(), 2);
+        assert_eq!(applied.links()[1], routing);
+        assert_ne!(routing.mark, applied.links()[0].mark);
+        assert_ne!(Some(routing.table), applied.tunnel_table());
+        assert_contains(
+            &ip(&format!("-4 route get 1.1.1.1 mark {}", routing.mark)),
+            "via 198.51.100.1 dev wan1",
+            "added link's mark rule",
+        );
+        let two_links = routing_snapshot();
+
+        // The same name twice is refused before anything changes.
+        assert!(matches!(
+            rt.block_on(applied.add_link(&lte)),
+            Err(NetcfgError::Invalid(_))
+        ));
+        // A kernel refusal at any step of a third link leaves the two-link state.
+        let sat = WanLinkPlan {
+            name: "sat".to_owned(),
+            bind: WanBind::Address(addr("198.51.100.2")),
+            gateway: None,
+        };
+        let mut failures = 0;
+        for fail_at in 0..16 {
+            match rt.block_on(applied.add_link_with_injected_failure(&sat, fail_at)) {
+                Err(NetcfgError::Step { rollback, .. }) => {
+                    assert!(rollback.is_empty(), "rollback failed: {rollback:?}");
+                    failures += 1;
+                    assert_same(
+                        &two_links,
+                        &routing_snapshot(),
+                        &format!("after a failed add_link at step {fail_at}"),
+                    );
+                }
+                Ok(_) => {
+                    assert!(failures >= 3, "only {failures} steps before success");
+                    break;
+                }
+                Err(e) => panic!("add_link(sat) at {fail_at}: {e}"),
+            }
+        }
+        assert_eq!(applied.links().len(), 3, "sat added after the failures");
+        assert_contains(&ip("rule"), "from 198.51.100.2 lookup", "sat's source rule");
+
+        // Removing links brings back exactly the earlier state.
+        rt.block_on(applied.remove_link("sat"))
+            .unwrap_or_else(|e| panic!("remove_link(sat): {e}"));
+        assert_same(&two_links, &routing_snapshot(), "after removing sat");
+        rt.block_on(applied.remove_link("lte"))
+            .unwrap_or_else(|e| panic!("remove_link(lte): {e}"));
+        assert_eq!(applied.links().len(), 1);
+        assert_eq!(applied.links()[0].name, "cable");
+        assert_same(&one_link, &routing_snapshot(), "after removing lte");
+        assert!(rt.block_on(applied.remove_link("lte")).is_err());
+
+        // Allowed IPs: a new prefix is routed, a dropped one unrouted; the default route
+        // cannot come or go without a restart.
+        let mut allowed = vec![net("0.0.0.0/0"), net("::/0"), net("10.77.0.0/16")];
+        rt.block_on(applied.set_allowed_ips(&allowed))
+            .unwrap_or_else(|e| panic!("set_allowed_ips: {e}"));
+        assert_contains(
+            &ip("-4 route show 10.77.0.0/16"),
+            &format!("dev {TUN}"),
+            "new allowed IP",
+        );
+        allowed.pop();
+        rt.block_on(applied.set_allowed_ips(&allowed))
+            .unwrap_or_else(|e| panic!("set_allowed_ips: {e}"));
+        assert_eq!(ip("-4 route show 10.77.0.0/16").trim(), "");
+        assert!(matches!(
+            rt.block_on(applied.set_allowed_ips(&[net("::/0")])),
+            Err(NetcfgError::Invalid(_))
+        ));
+        assert_same(
+            &one_link,
+            &routing_snapshot(),
+            "after the allowed IPs went back",
+        );
+
+        // A link added at run time is removed by teardown too.
+        rt.block_on(applied.add_link(&lte))
+            .unwrap_or_else(|e| panic!("add_link again: {e}"));
+        rt.block_on(applied.teardown())
+            .unwrap_or_else(|e| panic!("teardown: {e}"));
+        assert_same(&before, &snapshot_masking_qdisc(), "after teardown");
+        del_tun();
+    });
+}

@@ -171,6 +171,11 @@ impl LinkEstimator {
         self.modem_busy_until = self.modem_busy_until.max(now) + tx;
     }
 
+    /// Changes the send-rate cap (config reload).
+    pub fn set_max_rate(&mut self, max_rate_bps: Option<u64>) {
+        self.max_rate_bps = max_rate_bps;
+    }
+
     /// Rate to pace this link at, bits per second.
     pub fn pacing_rate_bps(&self) -> u64 {
         let gain = match self.phase {

@@ -336,10 +336,25 @@ impl Bond {
         self.config.mode = mode;
     }
 
+    /// Changes the probe interval, the reorder wait bound and the queue delay budget (config
+    /// reload); the buffer limits and the bond id stay.
+    pub fn set_timing(
+        &mut self,
+        probe_interval: Duration,
+        reorder_max_wait: Duration,
+        max_queue_delay: Duration,
+    ) {
+        self.config.probe_interval = probe_interval;
+        self.config.reorder_max_wait = reorder_max_wait;
+        self.config.max_queue_delay = max_queue_delay;
+    }
+
     /// Adds a link (site: from config; hub: when a hello names it). Replaces its settings if
     /// it exists.
     pub fn add_link(&mut self, id: LinkId, config: LinkConfig, now: Instant) {
         if let Some(l) = self.links.iter_mut().find(|l| l.id == id) {
+            l.est.set_max_rate(config.max_rate_bps);
+            l.stats.name = config.name.clone();
             l.config = config;
             return;
         }

@@ -4,6 +4,7 @@
 pub mod allowed_ips;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod hooks;
 pub mod launch;
 pub mod metrics;

@@ -246,6 +246,10 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
         tunnel_table: None,
         warnings: Vec::new(),
         tun_index: 0,
+        tun_name: plan.tun_name.clone(),
+        table_setting: plan.table,
+        addresses: plan.addresses.clone(),
+        allowed: plan.allowed_ips.iter().map(|n| n.trunc()).collect(),
         torn_down: false,
     };
     let state = match read_state(&applied.handle).await {
@@ -309,6 +313,12 @@ pub struct AppliedNet {
     tunnel_table: Option<u32>,
     warnings: Vec<String>,
     tun_index: u32,
+    tun_name: String,
+    /// The plan's settings that a reload of the allowed IPs needs.
+    table_setting: RouteTableSetting,
+    addresses: Vec<IpNet>,
+    /// The allowed IPs configured now (normalised), routed or not.
+    allowed: BTreeSet<IpNet>,
     torn_down: bool,
 }
 
@@ -380,15 +390,18 @@ impl AppliedNet {
             {
                 wanted = previous;
             }
-            let tag = Some((index, family));
-            let existing = self.journal.iter().position(|s| s.tag == tag);
+            let existing = self.journal.iter().position(|s| {
+                s.owner.as_deref() == Some(plan.name.as_str()) && s.gateway == Some(family)
+            });
             match wanted {
                 Some(nexthop) => {
                     let spec = link_route(current.table, &resolved, family, nexthop);
                     let step = Step {
                         desc: spec.describe(&format!("link `{}`: add", plan.name)),
                         action: Action::AddRoute(spec.message()),
-                        tag,
+                        owner: Some(plan.name.clone()),
+                        gateway: Some(family),
+                        allowed: None,
                     };
                     // Unchanged routes are left alone: no churn, no notifications.
                     let present =
@@ -440,6 +453,243 @@ impl AppliedNet {
             results.push(self.refresh_link(index).await);
         }
         results
+    }
+
+    /// Adds one WAN link to a running configuration (config reload): its own table and mark,
+    /// numbered after the free numbers from [`FIRST_TABLE`] on, its routes and rules, all
+    /// recorded in the undo journal. On error nothing is left changed. Returns the link's
+    /// routing (append it to the caller's list: [`links`](Self::links) gets it at the end) and
+    /// warnings worth logging.
+    pub async fn add_link(
+        &mut self,
+        plan: &WanLinkPlan,
+    ) -> Result<(LinkRouting, Vec<String>), NetcfgError> {
+        self.add_link_inner(plan, None).await
+    }
+
+    /// Like [`add_link`](Self::add_link), but its step number `fail_at` fails as if the kernel
+    /// had refused it. For tests of the rollback.
+    #[doc(hidden)]
+    pub async fn add_link_with_injected_failure(
+        &mut self,
+        plan: &WanLinkPlan,
+        fail_at: usize,
+    ) -> Result<(LinkRouting, Vec<String>), NetcfgError> {
+        self.add_link_inner(plan, Some(fail_at)).await
+    }
+
+    async fn add_link_inner(
+        &mut self,
+        plan: &WanLinkPlan,
+        fail_at: Option<usize>,
+    ) -> Result<(LinkRouting, Vec<String>), NetcfgError> {
+        if self.link_plans.iter().any(|l| l.name == plan.name) {
+            return Err(NetcfgError::Invalid(format!(
+                "link `{}` is listed twice",
+                plan.name
+            )));
+        }
+        let mut all = self.link_plans.clone();
+        all.push(plan.clone());
+        check_plan(&NetPlan {
+            tun_name: "x".into(),
+            addresses: Vec::new(),
+            mtu: 1280,
+            allowed_ips: Vec::new(),
+            table: RouteTableSetting::Off,
+            fwmark: None,
+            links: all,
+        })
+        .map_err(NetcfgError::Invalid)?;
+        let state = read_state(&self.handle).await.map_err(|e| {
+            NetcfgError::Invalid(format!("cannot read the network configuration: {e}"))
+        })?;
+        let res = resolve_link(plan, &state).map_err(NetcfgError::Invalid)?;
+        let taken = |n: u32| {
+            state.table_used(n)
+                || state.mark_used(n)
+                || self.fwmark == Some(n)
+                || self.tunnel_table == Some(n)
+                || self.links.iter().any(|l| l.table == n || l.mark == n)
+        };
+        let number = (FIRST_TABLE + 1..FIRST_TABLE + TABLE_SEARCH_LIMIT)
+            .find(|&n| !taken(n))
+            .ok_or_else(|| {
+                NetcfgError::Invalid(format!(
+                    "no free routing tables in {FIRST_TABLE}..{}",
+                    FIRST_TABLE + TABLE_SEARCH_LIMIT
+                ))
+            })?;
+        let layout = link_layout(plan, &res, number);
+        if let Some(rule) = layout
+            .rules
+            .iter()
+            .find(|r| state.rules.iter().any(|e| e.same_as(r)))
+        {
+            return Err(NetcfgError::Invalid(format!(
+                "link `{}`: {} rule `{}` already exists",
+                plan.name,
+                rule.family.label(),
+                rule.text()
+            )));
+        }
+        let mut done: Vec<Step> = Vec::new();
+        for (index, step) in layout.steps.into_iter().enumerate() {
+            tracing::debug!(step = %step.desc, "netcfg");
+            let result = if fail_at == Some(index) {
+                Err(NlError {
+                    errno: None,
+                    text: "injected failure".to_owned(),
+                })
+            } else {
+                do_step(&self.handle, &step.action).await
+            };
+            if let Err(e) = result {
+                let mut rollback = Vec::new();
+                while let Some(undo) = done.pop() {
+                    if let Err(u) = undo_step(&self.handle, &undo.action).await {
+                        rollback.push(format!("undo `{}`: {}", undo.desc, u.text));
+                    }
+                }
+                return Err(NetcfgError::Step {
+                    step: step.desc,
+                    cause: e.text,
+                    rollback,
+                });
+            }
+            done.push(step);
+        }
+        self.journal.extend(done);
+        self.links.push(layout.routing.clone());
+        self.link_plans.push(plan.clone());
+        Ok((layout.routing, layout.warnings))
+    }
+
+    /// Routes a new set of allowed IPs (config reload): routes for new prefixes are added
+    /// first (rolled back if one fails), then routes for dropped prefixes removed. Adding or
+    /// dropping a default route (`/0`) with `table = auto` changes the full-tunnel rules and is
+    /// refused (a restart does it); so is a route that clashes with one already there.
+    pub async fn set_allowed_ips(&mut self, nets: &[IpNet]) -> Result<(), NetcfgError> {
+        let wanted: BTreeSet<IpNet> = nets.iter().map(|n| n.trunc()).collect();
+        if self.table_setting == RouteTableSetting::Auto {
+            for family in [Family::V4, Family::V6] {
+                let zero = family.zero_net();
+                if wanted.contains(&zero) != self.allowed.contains(&zero) {
+                    return Err(NetcfgError::Invalid(format!(
+                        "adding or removing the default route {zero} in allowed_ips needs a restart"
+                    )));
+                }
+            }
+        }
+        if self.table_setting == RouteTableSetting::Off {
+            self.allowed = wanted;
+            return Ok(());
+        }
+        let state = read_state(&self.handle).await.map_err(|e| {
+            NetcfgError::Invalid(format!("cannot read the network configuration: {e}"))
+        })?;
+        let mut steps = Vec::new();
+        for net in wanted.difference(&self.allowed) {
+            let table = match self.table_setting {
+                RouteTableSetting::Id(t) => t,
+                _ if net.prefix_len() == 0 => self.tunnel_table.unwrap_or(TABLE_MAIN),
+                _ => TABLE_MAIN,
+            };
+            if table == TABLE_MAIN
+                && self
+                    .addresses
+                    .iter()
+                    .any(|a| a.prefix_len() < a.max_prefix_len() && a.trunc().contains(net))
+            {
+                continue;
+            }
+            let family = Family::of(net.addr());
+            if state.routes.iter().any(|r| {
+                r.family == family
+                    && r.table == table
+                    && r.dst_len == net.prefix_len()
+                    && r.dst.unwrap_or(family.zero_net().addr()) == net.addr()
+                    && r.metric == family.default_metric()
+            }) {
+                return Err(NetcfgError::Invalid(format!(
+                    "allowed_ips {net}: table {} already has a route to {net}",
+                    table_name(table)
+                )));
+            }
+            let spec = RouteSpec {
+                dst: *net,
+                table,
+                dev: Some((self.tun_index, self.tun_name.clone())),
+                gateway: None,
+                metric: None,
+                unreachable: false,
+            };
+            let mut step = route_step("add", &spec, None, None);
+            step.allowed = Some(*net);
+            steps.push(step);
+        }
+        let mut done: Vec<Step> = Vec::new();
+        for step in steps {
+            tracing::debug!(step = %step.desc, "netcfg");
+            if let Err(e) = do_step(&self.handle, &step.action).await {
+                let mut rollback = Vec::new();
+                while let Some(undo) = done.pop() {
+                    if let Err(u) = undo_step(&self.handle, &undo.action).await {
+                        rollback.push(format!("undo `{}`: {}", undo.desc, u.text));
+                    }
+                }
+                return Err(NetcfgError::Step {
+                    step: step.desc,
+                    cause: e.text,
+                    rollback,
+                });
+            }
+            done.push(step);
+        }
+        self.journal.extend(done);
+        let mut failures = Vec::new();
+        for net in self.allowed.difference(&wanted) {
+            if let Some(i) = self.journal.iter().position(|s| s.allowed == Some(*net)) {
+                let step = self.journal.remove(i);
+                if let Err(e) = undo_step(&self.handle, &step.action).await {
+                    failures.push(format!("undo `{}`: {}", step.desc, e.text));
+                }
+            }
+        }
+        self.allowed = wanted;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NetcfgError::Teardown(failures))
+        }
+    }
+
+    /// Removes one link's routes and rules (config reload), newest first, and drops it from
+    /// [`links`](Self::links). Every step runs even if one fails; the failures are returned.
+    pub async fn remove_link(&mut self, name: &str) -> Result<(), NetcfgError> {
+        let Some(index) = self.link_plans.iter().position(|l| l.name == name) else {
+            return Err(NetcfgError::Invalid(format!("no link named `{name}`")));
+        };
+        self.link_plans.remove(index);
+        if let Some(i) = self.links.iter().position(|l| l.name == name) {
+            self.links.remove(i);
+        }
+        let (mine, rest): (Vec<Step>, Vec<Step>) = std::mem::take(&mut self.journal)
+            .into_iter()
+            .partition(|s| s.owner.as_deref() == Some(name));
+        self.journal = rest;
+        let mut failures = Vec::new();
+        for step in mine.into_iter().rev() {
+            tracing::debug!(step = %step.desc, "netcfg undo");
+            if let Err(e) = undo_step(&self.handle, &step.action).await {
+                failures.push(format!("undo `{}`: {}", step.desc, e.text));
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NetcfgError::Teardown(failures))
+        }
     }
 
     /// Removes everything [`apply`] (and [`refresh_link`](Self::refresh_link)) added, newest
@@ -641,8 +891,12 @@ impl Family {
 struct Step {
     desc: String,
     action: Action,
-    /// Set on a link table's gateway route: (link index, family), so refresh can replace it.
-    tag: Option<(usize, Family)>,
+    /// The link (by name) whose table or rule this is, so it can be removed on its own.
+    owner: Option<String>,
+    /// Set on a link table's gateway route, so refresh can replace it.
+    gateway: Option<Family>,
+    /// Set on an allowed-IP route, so a reload can remove it on its own.
+    allowed: Option<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -902,7 +1156,9 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
                 mtu: plan.mtu,
                 old: tun.mtu,
             },
-            tag: None,
+            owner: None,
+            gateway: None,
+            allowed: None,
         });
     }
     for net in &plan.addresses {
@@ -930,14 +1186,18 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
                 index: tun.index,
                 net: *net,
             },
-            tag: None,
+            owner: None,
+            gateway: None,
+            allowed: None,
         });
     }
     if !tun.up {
         steps.push(Step {
             desc: format!("bring {} up", tun.name),
             action: Action::SetUp { index: tun.index },
-            tag: None,
+            owner: None,
+            gateway: None,
+            allowed: None,
         });
     }
 
@@ -945,76 +1205,12 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
     let mut links = Vec::new();
     for (i, (link, res)) in plan.links.iter().zip(&resolved).enumerate() {
         let offset = u32::try_from(i).map_err(|_| "too many links".to_owned())? + 1;
-        let table = base + offset;
-        let mark = base + offset;
-        let prefix = format!("link `{}`: add", link.name);
-        let mut routing = LinkRouting {
-            name: link.name.clone(),
-            mark,
-            table,
-            interface: res.ifname.clone(),
-            v4: None,
-            v6: None,
-        };
-        if !res.up {
-            warnings.push(format!(
-                "link `{}`: {} is down; its route is added when it comes up (refresh)",
-                link.name, res.ifname
-            ));
-        }
-        for family in link_families(link) {
-            let fallback = RouteSpec {
-                dst: family.zero_net(),
-                table,
-                dev: None,
-                gateway: None,
-                metric: Some(FALLBACK_METRIC),
-                unreachable: true,
-            };
-            steps.push(route_step(&prefix, &fallback, None));
-            if let Some(nexthop) = res.nexthop(family).filter(|_| res.up) {
-                let spec = link_route(table, res, family, nexthop);
-                steps.push(route_step(&prefix, &spec, Some((i, family))));
-                match family {
-                    Family::V4 => routing.v4 = Some(nexthop),
-                    Family::V6 => routing.v6 = Some(nexthop),
-                }
-            }
-        }
-        for family in link_families(link) {
-            let rule = RuleSpec {
-                family,
-                priority: RULE_PRIORITY_LINK,
-                table,
-                fwmark: Some(mark),
-                invert: false,
-                src: None,
-                suppress_prefixlen: None,
-            };
-            steps.push(rule_step(&prefix, &rule));
-            planned_rules.push(rule);
-        }
-        if let WanBind::Address(addr) = link.bind {
-            let rule = RuleSpec {
-                family: Family::of(addr),
-                priority: RULE_PRIORITY_LINK,
-                table,
-                fwmark: None,
-                invert: false,
-                src: Some(IpNet::from(addr)),
-                suppress_prefixlen: None,
-            };
-            steps.push(rule_step(&prefix, &rule));
-            planned_rules.push(rule);
-        }
-        if matches!(rp_filter(&res.ifname), Some(1)) {
-            warnings.push(format!(
-                "link `{}`: strict reverse-path filtering (rp_filter=1) on {} may drop the \
-                 link's replies; set net.ipv4.conf.{}.rp_filter=2",
-                link.name, res.ifname, res.ifname
-            ));
-        }
-        links.push(routing);
+        let number = base + offset;
+        let layout = link_layout(link, res, number);
+        steps.extend(layout.steps);
+        planned_rules.extend(layout.rules);
+        warnings.extend(layout.warnings);
+        links.push(layout.routing);
     }
 
     // Allowed-IP routes into the TUN device.
@@ -1067,7 +1263,9 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
                     ));
                 }
             }
-            steps.push(route_step("add", &spec, None));
+            let mut step = route_step("add", &spec, None, None);
+            step.allowed = Some(*net);
+            steps.push(step);
         }
     }
 
@@ -1136,6 +1334,97 @@ fn plan_layout(plan: &NetPlan, state: &SystemState) -> Result<Layout, String> {
     })
 }
 
+/// What one link adds: its table's routes and its rules.
+struct LinkLayout {
+    steps: Vec<Step>,
+    routing: LinkRouting,
+    rules: Vec<RuleSpec>,
+    warnings: Vec<String>,
+}
+
+/// The steps for one link whose table and mark are both `number`.
+fn link_layout(link: &WanLinkPlan, res: &ResolvedLink, number: u32) -> LinkLayout {
+    let (table, mark) = (number, number);
+    let prefix = format!("link `{}`: add", link.name);
+    let owner = Some(link.name.clone());
+    let mut steps = Vec::new();
+    let mut rules = Vec::new();
+    let mut warnings = Vec::new();
+    let mut routing = LinkRouting {
+        name: link.name.clone(),
+        mark,
+        table,
+        interface: res.ifname.clone(),
+        v4: None,
+        v6: None,
+    };
+    if !res.up {
+        warnings.push(format!(
+            "link `{}`: {} is down; its route is added when it comes up (refresh)",
+            link.name, res.ifname
+        ));
+    }
+    for family in link_families(link) {
+        let fallback = RouteSpec {
+            dst: family.zero_net(),
+            table,
+            dev: None,
+            gateway: None,
+            metric: Some(FALLBACK_METRIC),
+            unreachable: true,
+        };
+        steps.push(route_step(&prefix, &fallback, owner.clone(), None));
+        if let Some(nexthop) = res.nexthop(family).filter(|_| res.up) {
+            let spec = link_route(table, res, family, nexthop);
+            steps.push(route_step(&prefix, &spec, owner.clone(), Some(family)));
+            match family {
+                Family::V4 => routing.v4 = Some(nexthop),
+                Family::V6 => routing.v6 = Some(nexthop),
+            }
+        }
+    }
+    for family in link_families(link) {
+        rules.push(RuleSpec {
+            family,
+            priority: RULE_PRIORITY_LINK,
+            table,
+            fwmark: Some(mark),
+            invert: false,
+            src: None,
+            suppress_prefixlen: None,
+        });
+    }
+    if let WanBind::Address(addr) = link.bind {
+        rules.push(RuleSpec {
+            family: Family::of(addr),
+            priority: RULE_PRIORITY_LINK,
+            table,
+            fwmark: None,
+            invert: false,
+            src: Some(IpNet::from(addr)),
+            suppress_prefixlen: None,
+        });
+    }
+    for rule in &rules {
+        let mut step = rule_step(&prefix, rule);
+        step.owner = owner.clone();
+        steps.push(step);
+    }
+    if matches!(rp_filter(&res.ifname), Some(1)) {
+        warnings.push(format!(
+            "link `{}`: strict reverse-path filtering (rp_filter=1) on {} may drop the \
+             link's replies; set net.ipv4.conf.{}.rp_filter=2",
+            link.name, res.ifname, res.ifname
+        ));
+    }
+    LinkLayout {
+        steps,
+        routing,
+        rules,
+        warnings,
+    }
+}
+
 /// The route of link table `table` for one family.
 fn link_route(table: u32, res: &ResolvedLink, family: Family, nexthop: Nexthop) -> RouteSpec {
     RouteSpec {
@@ -1151,11 +1440,18 @@ fn link_route(table: u32, res: &ResolvedLink, family: Family, nexthop: Nexthop) 
     }
 }
 
-fn route_step(prefix: &str, spec: &RouteSpec, tag: Option<(usize, Family)>) -> Step {
+fn route_step(
+    prefix: &str,
+    spec: &RouteSpec,
+    owner: Option<String>,
+    gateway: Option<Family>,
+) -> Step {
     Step {
         desc: spec.describe(prefix),
         action: Action::AddRoute(spec.message()),
-        tag,
+        owner,
+        gateway,
+        allowed: None,
     }
 }
 
@@ -1163,7 +1459,9 @@ fn rule_step(prefix: &str, spec: &RuleSpec) -> Step {
     Step {
         desc: format!("{prefix} {} rule `{}`", spec.family.label(), spec.text()),
         action: Action::AddRule(spec.message()),
-        tag: None,
+        owner: None,
+        gateway: None,
+        allowed: None,
     }
 }
 

@@ -436,6 +436,34 @@ impl HubSessions {
         });
     }
 
+    /// Accepts a new peer (config reload); returns its index, the next after every earlier
+    /// one (indexes of removed peers are not reused).
+    pub fn add_peer(&mut self, keys: TunnelKeys) -> PeerIndex {
+        let index = self.peers.len();
+        self.peer_by_key.insert(keys.peer_public_key, index);
+        self.peers.push(keys);
+        index
+    }
+
+    /// Forgets a peer (config reload): its sessions end at once (no events), and its key is
+    /// no longer accepted. Its index stays taken.
+    pub fn remove_peer(&mut self, peer: PeerIndex) {
+        if let Some(key) = self.peers.get(peer).map(|k| k.peer_public_key) {
+            if self.peer_by_key.get(&key) == Some(&peer) {
+                self.peer_by_key.remove(&key);
+            }
+        }
+        let gone: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(&i, _)| i)
+            .collect();
+        for index in gone {
+            self.remove_session_quiet(index);
+        }
+    }
+
     /// Removes a session; reports its link as gone if it was bound.
     fn remove_session(&mut self, index: u32) {
         if let Some((peer, Some(link))) = self.remove_session_quiet(index) {
@@ -633,6 +661,37 @@ mod tests {
             .unwrap()
             .to_vec();
         exchange(hub, site, l, vec![d])
+    }
+
+    #[test]
+    fn peers_added_and_removed_at_run_time() {
+        let (mut hub, hub_key, site_keys) = hub(1);
+        let new_key = random_key();
+        // Unknown until added.
+        let mut s = site(new_key, &hub_key, &[20], &["192.0.2.9:1000"]);
+        assert!(connect(&mut hub, &mut s, 0).is_empty());
+        assert_eq!(hub.counters().unknown_peer, 1);
+        assert_eq!(hub.add_peer(keys(hub_key, &new_key)), 1);
+        let mut s = site(new_key, &hub_key, &[21], &["192.0.2.9:1001"]);
+        let got = connect(&mut hub, &mut s, 0);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.peer, 1);
+        assert_eq!(hub.sessions().len(), 1);
+        // The first peer is not disturbed by the second one's removal.
+        let mut first = site(site_keys[0], &hub_key, &[22], &["198.51.100.1:5"]);
+        assert_eq!(connect(&mut hub, &mut first, 0).len(), 1);
+        hub.remove_peer(1);
+        assert_eq!(hub.sessions().len(), 1, "only peer 0's session is left");
+        assert!(hub.sessions().iter().all(|si| si.peer == 0));
+        assert!(send_data(&mut hub, &mut s, 0, &data_plaintext(100, 1)).is_empty());
+        assert_eq!(
+            send_data(&mut hub, &mut first, 0, &data_plaintext(100, 1)).len(),
+            1
+        );
+        // A removed peer's handshakes are refused again.
+        let mut again = site(new_key, &hub_key, &[23], &["192.0.2.9:1002"]);
+        assert!(connect(&mut hub, &mut again, 0).is_empty());
+        assert_eq!(hub.counters().unknown_peer, 2);
     }
 
     #[test]

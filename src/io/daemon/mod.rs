@@ -13,6 +13,7 @@
 //! removed, control socket removed, `post_down`.
 
 mod control_server;
+mod reload;
 mod sockets;
 mod status;
 
@@ -30,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use super::allowed_ips::{packet_destination, packet_source, AllowedIps};
 use super::control::{self, InterfaceDrops, Reply, Request};
+use super::dns;
 use super::hooks::{self, HookStage};
 use super::metrics::{MetricsServer, MetricsSnapshot};
 use super::netcfg::{self, AppliedNet, NetPlan, RouteTableSetting, WanBind, WanLinkPlan};
@@ -90,10 +92,12 @@ pub fn run_foreground(config: Config) -> Result<(), String> {
     })
 }
 
-/// SIGTERM and SIGINT streams.
+/// SIGTERM, SIGINT and SIGHUP streams.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// `systemctl reload`: re-read the config.
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -102,12 +106,17 @@ impl Signals {
         Ok(Self {
             term: sig(SignalKind::terminate())?,
             int: sig(SignalKind::interrupt())?,
+            hup: sig(SignalKind::hangup())?,
         })
     }
 }
 
 /// One site link: its session and its socket.
 struct SiteLink {
+    /// Its id in the bond and on the wire; kept across reloads (a new link gets a new id).
+    id: LinkId,
+    /// The link's section of the config it runs with (compared at a reload).
+    config: crate::config::LinkConfig,
     name: String,
     bind: String,
     endpoint: SocketAddr,
@@ -134,6 +143,8 @@ struct Peer {
     config: PeerConfig,
     bond: Bond,
     rx_source_drops: u64,
+    /// Removed by a reload (hub): its index stays taken, it is no longer shown or routed to.
+    removed: bool,
 }
 
 /// A control request and where its answer goes.
@@ -145,6 +156,7 @@ struct ControlMsg {
 /// What woke the loop.
 enum Wake {
     Stop(&'static str),
+    Reload,
     Tun(io::Result<usize>),
     Net(usize, io::Result<(usize, SocketAddr)>),
     Control(Option<ControlMsg>),
@@ -179,6 +191,15 @@ struct Daemon {
     next_metrics: Instant,
     /// The last status line sent to systemd.
     status_sent: String,
+    /// Random per daemon start; new bonds (hub peers added by a reload) get it too.
+    bond_id: u64,
+    /// Where the search for a new site link's id starts (ids of removed links are not reused
+    /// while others are free).
+    next_link_id: u8,
+    /// Why the last reload was refused or incomplete; shown in systemd's status line.
+    reload_note: Option<String>,
+    /// `dns` was handed to resolvconf (removed again at teardown).
+    dns_set: bool,
     tun_buf: Vec<u8>,
     net_buf: Vec<u8>,
     out_buf: Vec<u8>,
@@ -275,6 +296,7 @@ impl Daemon {
                 config: p.clone(),
                 bond,
                 rx_source_drops: 0,
+                removed: false,
             });
         }
         let (ctl_tx, ctl_rx) = mpsc::channel(16);
@@ -299,6 +321,7 @@ impl Daemon {
             }
             (Ends::Hub { .. }, _) => (None, None),
         };
+        let config_links = config.links.len();
         let mut daemon = Self {
             config,
             started: now,
@@ -322,11 +345,20 @@ impl Daemon {
             metrics_task,
             next_metrics: now,
             status_sent: String::new(),
+            bond_id,
+            next_link_id: u8::try_from(config_links).unwrap_or(u8::MAX),
+            reload_note: None,
+            dns_set: false,
             tun_buf: vec![0; MAX_BUF],
             net_buf: vec![0; MAX_BUF],
             out_buf: vec![0; MAX_BUF],
             plain: Vec::with_capacity(MAX_BUF),
         };
+        let dns = daemon.config.interface.dns.clone();
+        if let Err(e) = daemon.set_dns(&dns).await {
+            let _ = daemon.shutdown().await;
+            return Err(e);
+        }
         let post_up = daemon.config.interface.post_up.clone();
         if let Err(e) = hooks::run_async(HookStage::PostUp, post_up, name.clone()).await {
             let _ = daemon.shutdown().await;
@@ -346,6 +378,7 @@ impl Daemon {
             let wake = tokio::select! {
                 _ = signals.term.recv() => Wake::Stop("SIGTERM"),
                 _ = signals.int.recv() => Wake::Stop("SIGINT"),
+                _ = signals.hup.recv() => Wake::Reload,
                 m = self.ctl_rx.recv() => Wake::Control(m),
                 a = self.listener.accept() => Wake::Accept(a.map(|(s, _)| s)),
                 r = tun.recv(&mut self.tun_buf) => Wake::Tun(r),
@@ -361,6 +394,7 @@ impl Daemon {
                     info!("{why}: going down");
                     return Ok(());
                 }
+                Wake::Reload => self.reload().await,
                 Wake::Tun(Ok(n)) => {
                     self.on_tun_packet(n, now);
                     for _ in 1..BATCH {
@@ -445,6 +479,28 @@ impl Daemon {
         }
     }
 
+    /// Hands `servers` to resolvconf (none: removes what was set). Fails only if resolvconf is
+    /// there and fails.
+    async fn set_dns(&mut self, servers: &[std::net::IpAddr]) -> Result<(), String> {
+        if servers.is_empty() && !self.dns_set {
+            return Ok(());
+        }
+        let set = dns_call(self.config.name.clone(), servers.to_vec()).await?;
+        self.dns_set = set;
+        Ok(())
+    }
+
+    /// Cryptokey routing from the current peers' allowed IPs.
+    fn rebuild_routes(&mut self) {
+        let mut routes = AllowedIps::new();
+        for (i, p) in self.peers.iter().enumerate().filter(|(_, p)| !p.removed) {
+            for net in &p.config.allowed_ips {
+                routes.insert(*net, i);
+            }
+        }
+        self.routes = routes;
+    }
+
     /// The earliest of the WireGuard tick and every bond's timer.
     fn next_deadline(&self) -> Instant {
         self.peers
@@ -514,7 +570,7 @@ impl Daemon {
                     .decapsulate(None, datagram, &mut self.out_buf, &mut |d| {
                         send_udp(socket, d, endpoint, drops);
                     });
-                let link = LinkId(i as u8);
+                let link = l.id;
                 match result {
                     Ok(Received::Plaintext(len)) => {
                         let _ = self.peers[0]
@@ -626,7 +682,7 @@ impl Daemon {
         let drops = &mut self.drops;
         match &mut self.ends {
             Ends::Site { links } => {
-                let Some(l) = links.get_mut(usize::from(link.0)) else {
+                let Some(l) = links.iter_mut().find(|l| l.id == link) else {
                     return;
                 };
                 if !l.tunnel.is_established() {
@@ -676,7 +732,8 @@ impl Daemon {
         let link_name = |id: LinkId| -> String {
             match &self.ends {
                 Ends::Site { links } => links
-                    .get(usize::from(id.0))
+                    .iter()
+                    .find(|l| l.id == id)
                     .map_or_else(|| id.0.to_string(), |l| l.name.clone()),
                 Ends::Hub { .. } => id.0.to_string(),
             }
@@ -692,7 +749,7 @@ impl Daemon {
                 }
                 if state == LinkState::Down {
                     if let Ends::Site { links } = &mut self.ends {
-                        if let Some(l) = links.get_mut(usize::from(link.0)) {
+                        if let Some(l) = links.iter_mut().find(|l| l.id == link) {
                             l.needs_refresh = true;
                             // Re-read its WAN routing soon, not in 10 s.
                             self.next_refresh = self
@@ -717,7 +774,11 @@ impl Daemon {
         let (Ends::Site { links }, Some(net)) = (&mut self.ends, self.net.as_mut()) else {
             return;
         };
-        for (i, l) in links.iter_mut().enumerate() {
+        for l in links.iter_mut() {
+            // Link order in the network configuration follows additions and removals.
+            let Some(i) = net.links().iter().position(|r| r.name == l.name) else {
+                continue;
+            };
             let before = net.links().get(i).cloned();
             match net.refresh_link(i).await {
                 Ok(now) => {
@@ -753,6 +814,12 @@ impl Daemon {
         if let Some(task) = self.wan_watcher.take() {
             task.abort();
         }
+        if self.dns_set {
+            if let Err(e) = dns_call(name.clone(), Vec::new()).await {
+                errors.push(e);
+            }
+            self.dns_set = false;
+        }
         // Close the sockets first: nothing may leave once the link routing is gone.
         self.ends = Ends::Site { links: Vec::new() };
         if let Some(net) = self.net.take() {
@@ -774,6 +841,20 @@ impl Daemon {
             Err(errors.join("; "))
         }
     }
+}
+
+/// [`dns::set`] (servers given) or [`dns::unset`] (none) off the event loop's thread.
+/// Returns whether servers are now set.
+async fn dns_call(name: String, servers: Vec<std::net::IpAddr>) -> Result<bool, String> {
+    tokio::task::spawn_blocking(move || {
+        if servers.is_empty() {
+            dns::unset(&name).map(|()| false)
+        } else {
+            dns::set(&name, &servers)
+        }
+    })
+    .await
+    .map_err(|e| format!("resolvconf: {e}"))?
 }
 
 /// The next message of an optional channel; never ready without one.
@@ -801,18 +882,27 @@ fn net_plan(config: &Config) -> NetPlan {
             RouteTable::Id(t) => RouteTableSetting::Id(t),
         },
         fwmark: config.interface.fwmark,
-        links: config
-            .links
-            .iter()
-            .map(|l| WanLinkPlan {
-                name: l.name.clone(),
-                bind: match &l.bind {
-                    LinkBind::Interface(i) => WanBind::Interface(i.clone()),
-                    LinkBind::Address(a) => WanBind::Address(*a),
-                },
-                gateway: l.gateway,
-            })
-            .collect(),
+        links: config.links.iter().map(wan_link_plan).collect(),
+    }
+}
+
+/// What the kernel configuration needs from one link.
+fn wan_link_plan(l: &crate::config::LinkConfig) -> WanLinkPlan {
+    WanLinkPlan {
+        name: l.name.clone(),
+        bind: match &l.bind {
+            LinkBind::Interface(i) => WanBind::Interface(i.clone()),
+            LinkBind::Address(a) => WanBind::Address(*a),
+        },
+        gateway: l.gateway,
+    }
+}
+
+/// A link's bind as `show` prints it.
+fn bind_text(bind: &LinkBind) -> String {
+    match bind {
+        LinkBind::Interface(i) => i.clone(),
+        LinkBind::Address(a) => a.to_string(),
     }
 }
 

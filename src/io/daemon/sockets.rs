@@ -11,7 +11,8 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 use super::{Ends, SiteLink, SOCKET_BUFFER};
-use crate::config::{Config, LinkBind, PeerConfig, Role};
+use crate::bond::LinkId;
+use crate::config::{Config, LinkBind, LinkConfig, PeerConfig, Role};
 use crate::io::control::InterfaceDrops;
 use crate::io::netcfg::AppliedNet;
 use crate::tunnel::hub::HubSessions;
@@ -77,32 +78,49 @@ pub(super) fn send_udp(
 pub(super) async fn resolve_endpoints(config: &Config) -> Result<Vec<SocketAddr>, String> {
     let mut out = Vec::new();
     for link in &config.links {
-        let Some(text) = config.link_endpoint(link) else {
-            return Err(format!("link `{}` has no endpoint", link.name));
-        };
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(text)
-            .await
-            .map_err(|e| {
-                format!(
-                    "link `{}`: cannot resolve endpoint `{text}`: {e}",
-                    link.name
-                )
-            })?
-            .collect();
-        let pick = match &link.bind {
-            LinkBind::Address(a) => addrs.iter().find(|s| s.is_ipv4() == a.is_ipv4()),
-            // Prefer IPv4: WANs (LTE, satellite) more often have it than IPv6.
-            LinkBind::Interface(_) => addrs.iter().find(|s| s.is_ipv4()).or(addrs.first()),
-        };
-        let Some(&addr) = pick else {
-            return Err(format!(
-                "link `{}`: endpoint `{text}` has no address of the bind address's family",
-                link.name
-            ));
-        };
-        out.push(addr);
+        out.push(resolve_link_endpoint(config, link).await?);
     }
     Ok(out)
+}
+
+/// Resolves one site link's endpoint (a family matching its bind address).
+pub(super) async fn resolve_link_endpoint(
+    config: &Config,
+    link: &LinkConfig,
+) -> Result<SocketAddr, String> {
+    let Some(text) = config.link_endpoint(link) else {
+        return Err(format!("link `{}` has no endpoint", link.name));
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(text)
+        .await
+        .map_err(|e| {
+            format!(
+                "link `{}`: cannot resolve endpoint `{text}`: {e}",
+                link.name
+            )
+        })?
+        .collect();
+    let pick = match &link.bind {
+        LinkBind::Address(a) => addrs.iter().find(|s| s.is_ipv4() == a.is_ipv4()),
+        // Prefer IPv4: WANs (LTE, satellite) more often have it than IPv6.
+        LinkBind::Interface(_) => addrs.iter().find(|s| s.is_ipv4()).or(addrs.first()),
+    };
+    pick.copied().ok_or_else(|| {
+        format!(
+            "link `{}`: endpoint `{text}` has no address of the bind address's family",
+            link.name
+        )
+    })
+}
+
+/// The keys of the session(s) with peer `p`.
+pub(super) fn tunnel_keys(config: &Config, p: &PeerConfig) -> TunnelKeys {
+    TunnelKeys {
+        private_key: config.interface.private_key,
+        peer_public_key: p.public_key,
+        preshared_key: p.preshared_key,
+        persistent_keepalive: p.persistent_keepalive,
+    }
 }
 
 /// Opens the site's link sockets (bound, marked) or the hub's listening socket.
@@ -111,12 +129,7 @@ pub(super) fn open_sockets(
     net: &AppliedNet,
     endpoints: &[SocketAddr],
 ) -> Result<Ends, String> {
-    let keys_for = |p: &PeerConfig| TunnelKeys {
-        private_key: config.interface.private_key,
-        peer_public_key: p.public_key,
-        preshared_key: p.preshared_key,
-        persistent_keepalive: p.persistent_keepalive,
-    };
+    let keys_for = |p: &PeerConfig| tunnel_keys(config, p);
     match config.role() {
         Role::Site => {
             let Some(peer) = config.peers.first() else {
@@ -129,20 +142,13 @@ pub(super) fn open_sockets(
                 let socket = link_socket(&link.bind, endpoint, mark).map_err(|e| {
                     format!("link `{}`: cannot open its UDP socket: {e}", link.name)
                 })?;
-                // Distinct random indexes: the hub tells our links apart by them.
-                let index = loop {
-                    let i = rand::random::<u32>() & crate::tunnel::MAX_INDEX;
-                    if !links.iter().any(|l: &SiteLink| l.tunnel.index() == i) {
-                        break i;
-                    }
-                };
+                let index = unused_index(&links);
                 let tunnel = LinkTunnel::new(&keys, index, None)?;
                 links.push(SiteLink {
+                    id: LinkId(i as u8),
+                    config: link.clone(),
                     name: link.name.clone(),
-                    bind: match &link.bind {
-                        LinkBind::Interface(i) => i.clone(),
-                        LinkBind::Address(a) => a.to_string(),
-                    },
+                    bind: super::bind_text(&link.bind),
                     endpoint,
                     socket,
                     tunnel,
@@ -164,6 +170,16 @@ pub(super) fn open_sockets(
                 port,
                 sessions: Box::new(HubSessions::new(&config.interface.private_key, peers)),
             })
+        }
+    }
+}
+
+/// A random session index no link uses: the hub tells our links apart by them.
+pub(super) fn unused_index(links: &[SiteLink]) -> u32 {
+    loop {
+        let i = rand::random::<u32>() & crate::tunnel::MAX_INDEX;
+        if !links.iter().any(|l| l.tunnel.index() == i) {
+            break i;
         }
     }
 }

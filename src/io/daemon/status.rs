@@ -24,7 +24,11 @@ impl Daemon {
 
     /// The one-line summary for `systemctl status`.
     pub(super) fn status_line(&self) -> String {
-        systemd::status_summary(&self.metrics_snapshot(Instant::now()))
+        let summary = systemd::status_summary(&self.metrics_snapshot(Instant::now()));
+        match &self.reload_note {
+            Some(note) => format!("{note}; {summary}"),
+            None => summary,
+        }
     }
 
     pub(super) fn metrics_snapshot(&self, now: Instant) -> MetricsSnapshot {
@@ -48,6 +52,7 @@ impl Daemon {
         let peers = self
             .peers
             .iter()
+            .filter(|p| !p.removed)
             .zip(&status.peers)
             .map(|(p, ps)| PeerMetrics {
                 name: p.config.name.clone(),
@@ -112,6 +117,7 @@ impl Daemon {
             .peers
             .iter()
             .enumerate()
+            .filter(|(_, p)| !p.removed)
             .map(|(pi, p)| {
                 let links: Vec<LinkStatus> = p
                     .bond
@@ -121,7 +127,7 @@ impl Daemon {
                         let mut ls = link_status(id, &s);
                         match &self.ends {
                             Ends::Site { links } => {
-                                if let Some(l) = links.get(usize::from(id.0)) {
+                                if let Some(l) = links.iter().find(|l| l.id == id) {
                                     ls.endpoint = Some(l.endpoint.to_string());
                                     ls.bind = Some(l.bind.clone());
                                     ls.latest_handshake_secs =

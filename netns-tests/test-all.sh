@@ -6,6 +6,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests use; installed when missing (needs root and apt).
+declare -A need=([ip]=iproute2 [iperf3]=iperf3 [nft]=nftables [conntrack]=conntrack
+    [ethtool]=ethtool [ping]=iputils-ping [wg]=wireguard-tools [ps]=procps [killall]=psmisc
+    [systemd-analyze]=systemd)
+missing=()
+for tool in "${!need[@]}"; do
+    command -v "$tool" >/dev/null || missing+=("${need[$tool]}")
+done
+if ((${#missing[@]})) && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

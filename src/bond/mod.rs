@@ -212,6 +212,10 @@ const PACING_BURST: Duration = Duration::from_millis(2);
 /// Hello resend interval until acknowledged, and refresh interval after.
 const HELLO_RETRY: Duration = Duration::from_secs(1);
 const HELLO_REFRESH: Duration = Duration::from_secs(10);
+/// Most latency-critical packets waiting on one link (they are small; this is a backstop).
+const MAX_URGENT: usize = 256;
+/// Most control messages waiting on one link.
+const MAX_CONTROL: usize = 64;
 /// A link whose queue is longer than this has more traffic than its pacing rate.
 const BACKLOG: Duration = Duration::from_millis(5);
 /// Lowest adaptive reorder timeout.
@@ -265,9 +269,18 @@ impl Link {
     /// The same for a latency-critical packet, which overtakes our bulk queue but not the
     /// modem's.
     fn urgent_delay(&self, now: Instant) -> Duration {
+        let bits: u64 = self
+            .urgent
+            .iter()
+            .map(|q| (q.data.len() + TUNNEL_OVERHEAD) as u64 * 8)
+            .sum();
+        let backlog = Duration::from_nanos(
+            bits.saturating_mul(1_000_000_000) / self.est.est_rate_bps().max(1),
+        );
         self.next_send
             .saturating_duration_since(now)
             .max(self.est.modem_queue(now))
+            + backlog
     }
 }
 
@@ -484,7 +497,9 @@ impl Bond {
         }
         let mut sent = false;
         for &i in targets.as_slice() {
-            if self.cands[i].queue_delay > self.config.max_queue_delay {
+            if self.cands[i].queue_delay > self.config.max_queue_delay
+                || self.links[i].urgent.len() >= MAX_URGENT
+            {
                 self.links[i].stats.queue_drops += 1;
                 continue;
             }
@@ -582,6 +597,10 @@ impl Bond {
     }
 
     fn push_control(&mut self, index: usize, msg: &Control) {
+        if self.links[index].control.len() >= MAX_CONTROL {
+            // The driver drains every turn; a backlog this long means a flood of probes.
+            return;
+        }
         let mut buf = self.take_buf();
         wire::encode_control(msg, &mut buf);
         self.links[index].control.push_back(buf);
@@ -685,20 +704,13 @@ impl Bond {
                 }
             }
             Control::Hello(h) => {
-                if self.peer_bond_id.is_some_and(|b| b != h.bond_id) {
-                    // The peer restarted: its numbering starts again.
-                    self.reorder.reset();
-                    self.unordered_seen.reset();
-                    for l in &mut self.links {
-                        l.rx.reset();
-                    }
-                }
-                self.peer_bond_id = Some(h.bond_id);
+                self.learn_peer_bond_id(h.bond_id);
                 self.links[i].stats.name.clone_from(&h.name);
                 self.links[i].config.name.clone_from(&h.name);
                 let ack = Control::HelloAck {
                     link_id: h.link_id,
                     bond_id: h.bond_id,
+                    acker_bond_id: self.config.bond_id,
                 };
                 self.push_control(i, &ack);
                 self.events.push_back(Event::Hello {
@@ -706,14 +718,37 @@ impl Bond {
                     hello: h,
                 });
             }
-            Control::HelloAck { bond_id, .. } => {
-                if bond_id == self.config.bond_id && !self.links[i].hello_acked {
+            Control::HelloAck {
+                bond_id,
+                acker_bond_id,
+                ..
+            } => {
+                if bond_id != self.config.bond_id {
+                    return;
+                }
+                self.learn_peer_bond_id(acker_bond_id);
+                if !self.links[i].hello_acked {
                     self.links[i].hello_acked = true;
                     self.links[i].next_hello = now + HELLO_REFRESH;
                     self.events.push_back(Event::HelloAcked { link: link_id });
                 }
             }
         }
+    }
+
+    /// Notes the peer's bond id (from a hello or a hello ack). A different one than before
+    /// means the peer restarted and numbers its packets from scratch: forget what we received.
+    fn learn_peer_bond_id(&mut self, id: u64) {
+        if self.peer_bond_id.is_some_and(|b| b != id) {
+            self.reorder.reset();
+            self.unordered_seen.reset();
+            self.reorder_extra = Duration::ZERO;
+            self.late_seen = 0;
+            for l in &mut self.links {
+                l.rx.reset();
+            }
+        }
+        self.peer_bond_id = Some(id);
     }
 
     /// Runs timers: probes, hellos, feedback, liveness, reorder timeouts.

@@ -173,8 +173,8 @@ pub fn is_critical(packet: &[u8]) -> bool {
             let dport = u16::from_be_bytes([l4[2], l4[3]]);
             sport == 53 || dport == 53 || l4.len() <= 300
         }
-        // ICMP and ICMPv6: pings are how users judge a link.
-        1 | 58 => true,
+        // ICMP and ICMPv6: pings are how users judge a link (large ICMP is bulk).
+        1 | 58 => packet.len() <= 300,
         _ => false,
     }
 }

@@ -63,6 +63,9 @@ pub enum Control {
         link_id: u8,
         /// Echo of the hello's bond id.
         bond_id: u64,
+        /// The acknowledging side's own bond id: a new one means it restarted and numbers its
+        /// packets from scratch.
+        acker_bond_id: u64,
     },
     /// RTT probe.
     Probe(Probe),
@@ -292,6 +295,7 @@ fn decode_control(buf: &[u8]) -> Result<Control, DecodeError> {
         ctype::HELLO_ACK => Control::HelloAck {
             link_id: r.u8()?,
             bond_id: r.u64()?,
+            acker_bond_id: r.u64()?,
         },
         ctype::PROBE => Control::Probe(Probe {
             link_id: r.u8()?,
@@ -368,10 +372,15 @@ pub fn encode_control(msg: &Control, out: &mut Vec<u8>) {
             out.push(end as u8);
             out.extend_from_slice(&h.name.as_bytes()[..end]);
         }
-        Control::HelloAck { link_id, bond_id } => {
+        Control::HelloAck {
+            link_id,
+            bond_id,
+            acker_bond_id,
+        } => {
             out.push(ctype::HELLO_ACK);
             out.push(*link_id);
             out.extend_from_slice(&bond_id.to_be_bytes());
+            out.extend_from_slice(&acker_bond_id.to_be_bytes());
         }
         Control::Probe(p) => {
             out.push(ctype::PROBE);
@@ -506,6 +515,7 @@ mod tests {
             Control::HelloAck {
                 link_id: 2,
                 bond_id: 99,
+                acker_bond_id: 7,
             },
             Control::Probe(Probe {
                 link_id: 1,

@@ -29,6 +29,13 @@ if [[ -z ${LINKEMU:-} ]]; then
     fi
     export LINKEMU="$HERE/../target/release/linkemu"
 fi
+# The tunnel tests run target/release/wgbond: never test a stale one.
+if [[ -z ${WGBOND:-} ]]; then
+    if ! (cd "$HERE/.." && cargo build --release -q --bin wgbond); then
+        echo "0 passed, 1 failed"
+        exit 1
+    fi
+fi
 # Labs of crashed earlier runs would only confuse the results.
 lab_gc
 

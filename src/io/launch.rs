@@ -37,8 +37,10 @@ fn spawn_and_wait(path: &Path, name: &str, verbose: u8) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt as _;
 
     let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
+    // Absolute, but not through symlinks: the interface is named after this file's stem, as
+    // in the foreground.
     let path =
-        std::fs::canonicalize(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        std::path::absolute(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let dir = control::run_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let log_path = control::log_path(name);

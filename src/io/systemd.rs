@@ -455,6 +455,18 @@ fn wait_ready(
             Err(e) => return Err(ReadyError::Io(e)),
         }
         if start.elapsed() >= timeout {
+            // SIGTERM first so the daemon undoes what it configured; SIGKILL only if it hangs.
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill(2) with a PID we own and a valid signal number.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let grace = Instant::now();
+            while grace.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
             return Err(ReadyError::Timeout {

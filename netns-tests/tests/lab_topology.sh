@@ -80,7 +80,10 @@ t_range sites_are_independent "$n0" 0 2 " frames on site1's first link"
 t_iperf_server hub 5201
 lab_exec hub timeout 20 iperf3 -s -1 -p 5210 >"$LAB_STATE/nat-check.log" 2>&1 &
 LAB_PIDS+=($!)
-sleep 0.5
+for _ in $(seq 50); do
+    lab_exec hub ss -ltn | grep -q ':5210 ' && break
+    sleep 0.1
+done
 t_iperf site1 "$(lab_wan_ip 1 1)" "$HUB" 1 -p 5210 >/dev/null
 wait "${LAB_PIDS[-1]}" 2>/dev/null
 if grep -q "Accepted connection from $(lab_public_ip 1 1)," "$LAB_STATE/nat-check.log"; then

@@ -107,7 +107,13 @@ for ns in "$A" "$B"; do
     ip netns exec "$ns" timeout 30 iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
     BG_PIDS+=($!)
 done
-sleep 0.5
+# Wait (bounded) until both servers listen.
+for ns in "$A" "$B"; do
+    for _ in $(seq 50); do
+        ip netns exec "$ns" ss -ltn | grep -q ':5201 ' && break
+        sleep 0.1
+    done
+done
 ip netns exec "$H" timeout 20 iperf3 -f m -c 10.99.0.2 -t 3 >"$TMP/iperf_a" 2>&1 &
 pa=$!
 ip netns exec "$H" timeout 20 iperf3 -f m -c 10.99.0.3 -t 3 >"$TMP/iperf_b" 2>&1 &

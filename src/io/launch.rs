@@ -99,7 +99,19 @@ fn interface_name(arg: &str) -> Result<String, String> {
     match Config::load(&path) {
         Ok(c) => Ok(c.name),
         Err(_) if !is_path && !path.exists() => Ok(arg.to_owned()),
-        Err(e) => Err(e.to_string().trim_end().to_owned()),
+        Err(e) => {
+            // A config edited (and broken) while the tunnel runs must not keep `down` from
+            // stopping it: fall back to the file's stem if a tunnel of that name is running.
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            if !stem.is_empty() && control::socket_path(stem).exists() {
+                Ok(stem.to_owned())
+            } else {
+                Err(e.to_string().trim_end().to_owned())
+            }
+        }
     }
 }
 

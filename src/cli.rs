@@ -1,4 +1,5 @@
-//! The `wgbond` command line: argument parsing and the subcommands that need no daemon.
+//! The `wgbond` command line: argument parsing and the subcommands that need no daemon
+//! (`up`, `down` and `show` are in [`crate::io::launch`]).
 //!
 //! Exit codes: 0 on success, 1 on failure with a one-line reason on stderr (`-v` adds detail).
 
@@ -80,9 +81,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Genpsk => print_key(&keys::generate_psk()),
         Command::Pubkey => pubkey(),
         Command::Check { config } => return check(&resolve_config(&config), verbose),
-        Command::Up { .. } => not_yet("up"),
-        Command::Down { .. } => not_yet("down"),
-        Command::Show { .. } => not_yet("show"),
+        Command::Up { config, foreground } => {
+            crate::io::launch::up(&resolve_config(&config), foreground, verbose)
+        }
+        Command::Down { config } => crate::io::launch::down(&config),
+        Command::Show { name, json } => crate::io::launch::show(name.as_deref(), json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,12 +94,6 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Placeholder until the daemon is wired in: `up`, `down` and `show` fail clearly.
-// TODO(tunnel): replace with calls into `crate::io`.
-fn not_yet(cmd: &str) -> Result<(), String> {
-    Err(format!("`{cmd}` is not available in this build"))
 }
 
 fn print_key(key: &[u8; 32]) -> Result<(), String> {

@@ -27,3 +27,4 @@ pub mod cli;
 pub mod config;
 pub mod io;
 pub mod keys;
+pub mod tunnel;

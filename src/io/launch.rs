@@ -1,0 +1,171 @@
+//! `wgbond up`, `down` and `show`: starting the daemon, and talking to it.
+//!
+//! `up` without `--foreground` starts `wgbond up --foreground` as a detached child (own
+//! session, stdin from /dev/null, stdout and stderr to `/run/wgbond/NAME.log`) and returns
+//! only when that child's control socket answers `show` — the interface is up and routed — or
+//! fails with the child's own error when it exits first.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::control::{self, InterfaceStatus};
+use super::daemon;
+use crate::cli::resolve_config;
+use crate::config::Config;
+
+/// Longest time `up` waits for the daemon to be ready (name resolution and netlink work).
+const UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time `down` waits for the daemon to finish its teardown.
+const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `wgbond up CONFIG [--foreground]`.
+pub fn up(path: &Path, foreground: bool, verbose: u8) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string().trim_end().to_owned())?;
+    if control::request(&config.name, control::Request::Show, Duration::from_secs(2)).is_ok() {
+        return Err(format!("`{}` is already up", config.name));
+    }
+    if foreground {
+        init_logging(verbose);
+        return daemon::run_foreground(config);
+    }
+    spawn_and_wait(path, &config.name, verbose)
+}
+
+/// Starts the daemon in the background and waits until it answers or dies.
+fn spawn_and_wait(path: &Path, name: &str, verbose: u8) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
+    let path =
+        std::fs::canonicalize(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let dir = control::run_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let log_path = control::log_path(name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| format!("cannot use {}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    if verbose > 0 {
+        cmd.arg(format!("-{}", "v".repeat(usize::from(verbose))));
+    }
+    cmd.arg("up")
+        .arg(&path)
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(child_error(&log_path).unwrap_or_else(|| {
+                format!("the daemon exited ({status}); see {}", log_path.display())
+            }));
+        }
+        if control::show(name).is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > UP_TIMEOUT {
+            // It cleans up after itself on SIGTERM.
+            // SAFETY: kill with a pid we own (our child, not yet reaped).
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let _ = child.wait();
+            return Err(format!(
+                "`{name}` was not ready within {} s; see {}",
+                UP_TIMEOUT.as_secs(),
+                log_path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The failed daemon's reason: the last `wgbond: ...` line it printed.
+fn child_error(log_path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log_path).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("wgbond: "))
+        .map(str::to_owned)
+}
+
+/// `wgbond down CONFIG|NAME`.
+pub fn down(arg: &str) -> Result<(), String> {
+    control::down(&interface_name(arg)?, DOWN_TIMEOUT)
+}
+
+/// The interface name for `CONFIG|NAME`: a config's name; a bare NAME whose file does not
+/// exist is taken as the interface name itself (so `down` works after the file is gone).
+fn interface_name(arg: &str) -> Result<String, String> {
+    let path = resolve_config(arg);
+    let is_path = arg.contains('/') || arg.ends_with(".toml");
+    match Config::load(&path) {
+        Ok(c) => Ok(c.name),
+        Err(_) if !is_path && !path.exists() => Ok(arg.to_owned()),
+        Err(e) => Err(e.to_string().trim_end().to_owned()),
+    }
+}
+
+/// `wgbond show [NAME] [--json]`.
+pub fn show(name: Option<&str>, json: bool) -> Result<(), String> {
+    let statuses: Vec<InterfaceStatus> = match name {
+        Some(n) => vec![control::show(n)?],
+        // Sockets of daemons that died without cleaning up are skipped.
+        None => control::running_interfaces()
+            .iter()
+            .filter_map(|n| control::show(n).ok())
+            .collect(),
+    };
+    if json {
+        let text = serde_json::to_string_pretty(&statuses).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        let text: Vec<String> = statuses.iter().map(control::format_status).collect();
+        print!("{}", text.join("\n"));
+    }
+    Ok(())
+}
+
+/// Logs to stderr: journald adds its own timestamps, so they are left out under systemd.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    // netlink-packet-route warns on every dump about kernel attributes newer than itself;
+    // boringtun warns every 5 s about each dead link (the link state already says it).
+    let level = match verbose {
+        0 => "info,netlink_packet_route=error,boringtun=error",
+        1 => "debug,netlink_packet_route=error",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -52,6 +52,9 @@ export LINKEMU=${LINKEMU:-$REPO/target/release/linkemu}
 source "$HERE/testlib.sh"
 
 # --- cleanup, whatever happens ----------------------------------------------------------------
+# A trap runs with the redirections of the command it interrupts (often >/dev/null): keep the
+# terminal on fds 8 and 9 for the traps' messages.
+exec 8>&1 9>&2
 cleanup() {
     local -
     set +e
@@ -65,10 +68,10 @@ cleanup() {
     # Kills what the lab started and anything left in its namespaces, deletes them.
     lab_down
     echo "demo: cleaned up (namespaces, emulators, tunnels)"
-}
+} >&8 2>&9
 trap cleanup EXIT
-trap 'echo; echo "demo: interrupted"; exit 130' INT
-trap 'exit 143' TERM
+trap 'echo >&8; echo "demo: interrupted" >&9; exit 130' INT
+trap 'echo "demo: terminated" >&9; exit 143' TERM
 
 # --- the lab ------------------------------------------------------------------------------------
 say "Building the lab: a site with cable + LTE + satellite WANs, an internet router, a hub"

@@ -6,20 +6,23 @@
 #   - wgbond in each mode (with --wgbond; needs the daemon: `wgbond up CONFIG --foreground`),
 # and prints a markdown table; efficiency = goodput / sum of the single-link WireGuard goodputs.
 #
-# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--output FILE]
+# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST]
+#                                  [--output FILE]
 #        (default scenario hetero, 10 s per measurement; several scenarios run one after the
-#        other, each in its own lab, their tables together in FILE)
+#        other, each in its own lab, their tables together in FILE; --modes: comma-separated
+#        wgbond modes, default auto,stripe,duplicate,failover)
 set -u
 # shellcheck source=testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
-SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=()
+SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=() MODES=auto,stripe,duplicate,failover
 while (($#)); do
     case $1 in
     --time) DURATION=${2:-}; OPTIONS+=(--time "$DURATION"); shift ;;
     --wgbond) WITH_WGBOND=1; OPTIONS+=(--wgbond) ;;
+    --modes) MODES=${2:-}; OPTIONS+=(--modes "$MODES"); shift ;;
     --output) OUTPUT=${2:-}; shift ;;
-    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--output FILE]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST] [--output FILE]" >&2; exit 2 ;;
     *) SCENARIOS+=("$1") ;;
     esac
     shift
@@ -38,6 +41,8 @@ if ((${#SCENARIOS[@]} > 1)); then
 fi
 SCENARIO=${SCENARIOS[0]}
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 2 && DURATION <= 120)) || { echo "--time: 2..120 seconds" >&2; exit 2; }
+[[ $MODES =~ ^(auto|stripe|duplicate|failover)(,(auto|stripe|duplicate|failover))*$ ]] ||
+    { echo "--modes: comma-separated list of auto, stripe, duplicate, failover" >&2; exit 2; }
 for tool in iperf3 wg wireguard-go mptcpize; do
     command -v "$tool" >/dev/null || { echo "bench: missing '$tool' (apt-get install iperf3 wireguard-tools wireguard-go mptcpd)" >&2; exit 1; }
 done
@@ -132,6 +137,10 @@ for i in "${!LAB_LINK_NAME[@]}"; do
     mark=$((0x1000 + i))
     lab_exec site1 ip rule add fwmark "$mark" lookup $((100 + i)) priority $((900 + i))
     lab_exec site1 wg set "$WG_IF_SITE" fwmark "$mark"
+    # Setting the endpoint again drops wireguard-go's sticky source address (the previous WAN's),
+    # which would otherwise keep the replies, and so the download, on the previous link.
+    lab_exec site1 wg set "$WG_IF_SITE" peer "$(wg pubkey <"$LAB_STATE/hub.key")" endpoint "$HUB:$WG_PORT"
+    emu_before=$(lab_emu_get "${LAB_LINK_NAME[$i]}" down.passed_bytes)
     if ! lab_exec site1 ping -n -q -c 3 -i 0.5 -w 10 "$WG_HUB" >/dev/null 2>&1; then
         DOWN4="" row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "no handshake" "no handshake"
         continue
@@ -140,6 +149,11 @@ for i in "${!LAB_LINK_NAME[@]}"; do
     measure "$WG_HUB" "$WG_SITE"
     after=$(cpu_of "${WG_PIDS[@]}")
     WG_DOWN[i]=${DOWN:-0} WG_UP[i]=${UP:-0}
+    # The link's own emulator must have carried the downloads (at least half of what was measured).
+    emu_mb=$(( ($(lab_emu_get "${LAB_LINK_NAME[$i]}" down.passed_bytes) - emu_before) / 1000000 ))
+    if awk -v e="$emu_mb" -v gb="$GB" -v u="${UP:-0}" -v d="$DURATION" 'BEGIN { exit !(e < (gb * 1000 - u * d / 8) / 2) }'; then
+        echo "bench: wireguard-go over ${LAB_LINK_NAME[$i]}: only $emu_mb MB crossed that link's emulator: traffic took another link" >&2
+    fi
     row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
 done
 lab_kill_pids "${WG_PIDS[@]}"
@@ -177,9 +191,11 @@ if ((WITH_WGBOND)); then
     if [[ ! -x $WGBOND ]]; then
         DOWN4="" row "wgbond" "not built ($WGBOND)" ""
     else
+        # Control sockets in the lab's state directory: no clash with a real /run/wgbond.
+        export WGBOND_RUN_DIR="$LAB_STATE/wgbond"
         hub_key=$("$WGBOND" genkey) site_key=$("$WGBOND" genkey)
         hub_pub=$("$WGBOND" pubkey <<<"$hub_key") site_pub=$("$WGBOND" pubkey <<<"$site_key")
-        for mode in auto stripe duplicate failover; do
+        for mode in ${MODES//,/ }; do
             cat >"$LAB_STATE/bhub.toml" <<EOF
 [interface]
 private_key = "$hub_key"
@@ -220,6 +236,8 @@ EOF
                 row "wgbond $mode" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
             else
                 DOWN4="" row "wgbond $mode" "no tunnel" "no tunnel"
+                echo "bench: wgbond $mode: no ping through the tunnel; logs:" >&2
+                tail -n 5 "$LAB_STATE/wgbond-hub.log" "$LAB_STATE/wgbond-site.log" >&2
             fi
             lab_kill_pids "$hub_pid" "$site_pid"
         done

@@ -9,6 +9,8 @@ TL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WGBOND=${WGBOND:-$TL_ROOT/target/release/wgbond}
 TMP=$(mktemp -d /tmp/wgbond-test.XXXXXX)
 export WGBOND_RUN_DIR="$TMP/run"
+# Namespace name prefix: the runner's (it checks nothing is left behind) or our own.
+TL_PREFIX=${LAB_PREFIX:-wgbt$$-}
 FAILED=0
 BG_PIDS=()
 TL_NAMESPACES=()

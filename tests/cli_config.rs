@@ -554,11 +554,36 @@ fn pubkey_matches_wg() {
 }
 
 #[test]
-fn daemon_commands_fail_clearly_until_wired() {
-    for args in [&["up", "office"][..], &["down", "office"], &["show"]] {
-        let (code, _, err) = run(args, b"");
-        assert_eq!(code, 1);
+fn daemon_commands_fail_clearly_without_a_daemon() {
+    // A private run directory: no daemon of this machine can answer.
+    let run_dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("WGBOND_RUN_DIR", run_dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run wgbond");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let name = "no-such-tunnel-4711";
+    let (code, _, err) = run(&["up", name]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("{name}.toml")), "{err}");
+    for args in [&["down", name][..], &["show", name]] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 1, "{args:?}");
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("is not available in this build"), "{err}");
+        assert!(err.contains("is not up"), "{err}");
     }
+    // Nothing running: `show` lists nothing, successfully.
+    let (code, out, err) = run(&["show"]);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    let (code, out, _) = run(&["show", "--json"]);
+    assert_eq!((code, out.trim()), (0, "[]"));
 }

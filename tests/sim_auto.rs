@@ -178,3 +178,21 @@ fn udp_at_90_percent_of_the_sum_arrives_complete_and_in_order() {
     assert!(r.loss() <= 0.01);
     assert_eq!(r.out_of_order, 0);
 }
+
+#[test]
+fn a_quiet_bond_ramps_up_fast_when_a_download_starts() {
+    // Light traffic for 5 s (the estimates only see what it needs), then a saturating load.
+    let mut sim = Sim::new(Mode::Auto, &hetero(), 7);
+    sim.run_until(0.5);
+    let b = sim.start_source(1.0, 1400);
+    sim.run_until(5.0);
+    sim.set_source_rate(b, 92.0);
+    sim.run_until(7.0);
+    let first = sim.report_source(b, 5.0, 6.0).link_rate_bps as f64 / 80e6;
+    let second = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 80e6;
+    println!(
+        "ramp after 5 s of light traffic: {first:.3} in the first second, {second:.3} in the next"
+    );
+    assert!(first >= 0.7, "first second {first}");
+    assert!(second >= 0.9, "second second {second}");
+}

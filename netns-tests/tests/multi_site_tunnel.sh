@@ -10,14 +10,14 @@
 #
 # Checks: the hub reaches both sites; site A reaches site B through the hub (the hub picks the
 # peer by destination); iperf3 to both sites at once; site B sending with site A's inner address
-# is dropped and counted on the hub (and site A's counter stays 0).
+# is dropped and counted on the hub (and site A's counter stays 0); SIGTERM restores site B.
 set -u
 # shellcheck source=../tunnel_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../tunnel_lib.sh"
 
-A="wgbms$$a"
-B="wgbms$$b"
-H="wgbms$$h"
+A="${TL_PREFIX}sitea"
+B="${TL_PREFIX}siteb"
+H="${TL_PREFIX}hub"
 tl_require multi_site_tunnel
 
 tl_netns "$A"
@@ -32,6 +32,8 @@ ip -n "$B" route add default via 100.64.0.1 dev wan0
 ip -n "$H" addr add 203.0.113.1/32 dev lo
 # The hub forwards between its peers (site A to site B).
 ip netns exec "$H" sysctl -q -w net.ipv4.ip_forward=1
+tl_settle "$A" "$B" "$H"
+B_BEFORE=$(tl_snapshot "$B")
 
 umask 077
 KA=$("$WGBOND" genkey)
@@ -141,5 +143,22 @@ if [[ $verdict == "a:2 links b:1 links" ]]; then
     pass hub_show "$verdict"
 else
     fail hub_show "$verdict"
+fi
+# systemd's stop: SIGTERM to the daemon tears down as cleanly as `down`.
+pid=$(tl_daemon_pid wgbsiteb)
+if [[ -n $pid ]] && kill -TERM "$pid"; then
+    for ((try = 0; try < 100; try++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        fail sigterm "daemon $pid still running 10 s after SIGTERM"
+    elif [[ $(tl_snapshot "$B") == "$B_BEFORE" ]]; then
+        pass sigterm "site B's daemon exited on SIGTERM; ip state restored exactly"
+    else
+        fail sigterm "ip state differs: $(diff <(echo "$B_BEFORE") <(tl_snapshot "$B") | head -10)"
+    fi
+else
+    fail sigterm "no pid for site B's daemon"
 fi
 exit "$FAILED"

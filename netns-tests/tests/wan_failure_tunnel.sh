@@ -14,8 +14,8 @@ set -u
 # shellcheck source=../tunnel_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../tunnel_lib.sh"
 
-S="wgbwf$$s"
-H="wgbwf$$h"
+S="${TL_PREFIX}site"
+H="${TL_PREFIX}hub"
 tl_require wan_failure_tunnel
 tl_netns "$S"
 tl_netns "$H"

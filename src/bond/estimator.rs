@@ -63,6 +63,8 @@ pub struct LinkEstimator {
     startup_rounds_flat: u32,
     /// Last feedback entry processed: (receiver time, highest link seq, packets, bytes).
     last_feedback: Option<(u32, u32, u32, u64)>,
+    /// Last delivery-rate sample taken while we kept the link busy.
+    last_full_sample: Option<Instant>,
     /// Start of the current delivery-rate sample: (receiver time, bytes, app-limited).
     rate_base: Option<(u32, u64, bool)>,
     /// Relative one-way delay and jitter the peer measured for this link, microseconds.
@@ -98,6 +100,7 @@ impl LinkEstimator {
             startup_rounds_flat: 0,
             last_feedback: None,
             rate_base: None,
+            last_full_sample: None,
             owd_us: None,
             min_owd_us: None,
             jitter_us: 0,
@@ -229,6 +232,26 @@ impl LinkEstimator {
         }
         let since = self.unanswered_since?;
         Some(self.last_ack.unwrap_or(since) + self.dead_timeout())
+    }
+
+    /// Traffic is waiting for this link. If the link has not been kept busy for a while, its
+    /// estimate is only what light traffic needed: find the capacity again as at start-up
+    /// (doubling per round) instead of creeping up by the cruise cycle's 25% per eight rounds.
+    pub fn on_backlog(&mut self, now: Instant) {
+        if self.phase == Phase::Startup || self.state == LinkState::Down {
+            return;
+        }
+        let stale = self
+            .last_full_sample
+            .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(1));
+        if stale {
+            self.phase = Phase::Startup;
+            self.phase_start = now;
+            self.startup_best = 0;
+            self.startup_rounds_flat = 0;
+            // Counts as busy from here: no second restart before the first sample.
+            self.last_full_sample = Some(now);
+        }
     }
 
     /// We sent a probe.
@@ -393,6 +416,9 @@ impl LinkEstimator {
     }
 
     fn on_rate_sample(&mut self, rate: u64, now: Instant, app_limited: bool) {
+        if !app_limited {
+            self.last_full_sample = Some(now);
+        }
         if !app_limited || rate > self.est_rate_bps {
             self.rate_samples.push_back((now, rate));
         }

@@ -212,6 +212,8 @@ const PACING_BURST: Duration = Duration::from_millis(2);
 /// Hello resend interval until acknowledged, and refresh interval after.
 const HELLO_RETRY: Duration = Duration::from_secs(1);
 const HELLO_REFRESH: Duration = Duration::from_secs(10);
+/// A link whose queue is longer than this has more traffic than its pacing rate.
+const BACKLOG: Duration = Duration::from_millis(5);
 /// Lowest adaptive reorder timeout.
 const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
 /// Bytes WireGuard, UDP and IP add to every datagram, for pacing on the wire.
@@ -523,6 +525,9 @@ impl Bond {
                 buf.extend_from_slice(packet);
             }
             let link = &mut self.links[i];
+            if self.cands[i].queue_delay > BACKLOG {
+                link.est.on_backlog(now);
+            }
             link.queued_bytes += buf.len();
             if flags != 0 {
                 link.stats.tx_duplicates += 1;

@@ -7,10 +7,10 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::control::{self, InterfaceStatus};
-use super::daemon;
+use super::{daemon, systemd};
 use crate::cli::resolve_config;
 use crate::config::Config;
 
@@ -35,7 +35,6 @@ pub fn up(path: &Path, foreground: bool, verbose: u8) -> Result<(), String> {
 /// Starts the daemon in the background and waits until it answers or dies.
 fn spawn_and_wait(path: &Path, name: &str, verbose: u8) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    use std::os::unix::process::CommandExt as _;
 
     let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
     let path =
@@ -63,42 +62,16 @@ fn spawn_and_wait(path: &Path, name: &str, verbose: u8) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the daemon: {e}"))?;
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(child_error(&log_path).unwrap_or_else(|| {
-                format!("the daemon exited ({status}); see {}", log_path.display())
-            }));
-        }
-        if control::show(name).is_ok() {
-            return Ok(());
-        }
-        if started.elapsed() > UP_TIMEOUT {
-            // It cleans up after itself on SIGTERM.
-            // SAFETY: kill with a pid we own (our child, not yet reaped).
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let _ = child.wait();
-            return Err(format!(
-                "`{name}` was not ready within {} s; see {}",
-                UP_TIMEOUT.as_secs(),
-                log_path.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    // The daemon tells us READY=1 (or its reason as STATUS=) the way it tells systemd.
+    match systemd::spawn_until_ready(&mut cmd, UP_TIMEOUT) {
+        Ok(_child) => Ok(()),
+        Err(systemd::ReadyError::Exited {
+            status: Some(reason),
+            ..
+        }) => Err(reason),
+        Err(systemd::ReadyError::Exited { status: None, exit }) => Err(child_error(&log_path)
+            .unwrap_or_else(|| format!("the daemon exited ({exit}); see {}", log_path.display()))),
+        Err(e) => Err(format!("`{name}`: {e}")),
     }
 }
 

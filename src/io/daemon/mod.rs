@@ -12,31 +12,36 @@
 //! `post_up` hooks, READY. Teardown: `pre_down`, sockets closed, [`netcfg`] teardown, TUN
 //! removed, control socket removed, `post_down`.
 
+mod control_server;
+mod sockets;
+mod status;
+
 use std::future::poll_fn;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::allowed_ips::{packet_destination, packet_source, AllowedIps};
-use super::control::{
-    self, BondStatus, InterfaceDrops, InterfaceStatus, LinkStatus, PeerStatus, Reply, Request,
-};
+use super::control::{self, InterfaceDrops, Reply, Request};
+use super::hooks::{self, HookStage};
+use super::metrics::{MetricsServer, MetricsSnapshot};
 use super::netcfg::{self, AppliedNet, NetPlan, RouteTableSetting, WanBind, WanLinkPlan};
+use super::systemd;
 use crate::bond::{self, Bond, Event, LinkId, LinkState};
 use crate::config::{Config, LinkBind, PeerConfig, Role, RouteTable};
 use crate::keys;
 use crate::tunnel::hub::{HubEvent, HubSessions};
-use crate::tunnel::{LinkTunnel, Received, TunnelKeys, MAX_BUF, TIMER_TICK};
+use crate::tunnel::{LinkTunnel, Received, MAX_BUF, TIMER_TICK};
+use control_server::{bind_control, prepare_run_dir, serve_control};
+use sockets::{open_sockets, poll_recv_any, resolve_endpoints, send_udp, try_recv};
+use status::state_name;
 
 /// Packets read per wake-up before the bonds are drained (amortises the drain).
 const BATCH: usize = 64;
@@ -47,6 +52,8 @@ const LINK_REFRESH: Duration = Duration::from_secs(60);
 const WAN_SETTLE: Duration = Duration::from_millis(300);
 /// UDP socket buffer size asked for (the kernel caps it at net.core.*mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// How often the metrics snapshot (and systemd's status line) is refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Runs the daemon for `config` until `down`, SIGTERM or SIGINT; tears everything down.
 pub fn run_foreground(config: Config) -> Result<(), String> {
@@ -58,8 +65,16 @@ pub fn run_foreground(config: Config) -> Result<(), String> {
         // Signals are caught from here on: a SIGTERM during start-up is seen by the loop at
         // once and still gets a clean teardown.
         let mut signals = Signals::new()?;
-        let mut daemon = Daemon::start(config).await?;
-        notify_systemd("READY=1");
+        let mut daemon = match Daemon::start(config).await {
+            Ok(d) => d,
+            Err(e) => {
+                // `systemctl status` (and `up` waiting on our notifications) shows the reason.
+                systemd::notify_status(&e);
+                return Err(e);
+            }
+        };
+        daemon.refresh_metrics(Instant::now());
+        systemd::notify_ready(&daemon.status_line());
         info!(interface = %daemon.config.name, "up");
         // A bug that panics in the loop must not leave routes and rules behind.
         let ran = match std::panic::AssertUnwindSafe(daemon.run(&mut signals))
@@ -69,7 +84,7 @@ pub fn run_foreground(config: Config) -> Result<(), String> {
             Ok(r) => r,
             Err(_) => Err("internal error (panic) in the event loop".to_owned()),
         };
-        notify_systemd("STOPPING=1");
+        systemd::notify_stopping();
         let down = daemon.shutdown().await;
         ran.and(down)
     })
@@ -157,6 +172,13 @@ struct Daemon {
     wan_changes: Option<mpsc::Receiver<()>>,
     wan_watcher: Option<tokio::task::JoinHandle<()>>,
     rr: usize,
+    watchdog: systemd::Watchdog,
+    /// What `metrics_listen` serves, refreshed every [`METRICS_REFRESH`].
+    metrics: Option<std::sync::Arc<std::sync::Mutex<MetricsSnapshot>>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    next_metrics: Instant,
+    /// The last status line sent to systemd.
+    status_sent: String,
     tun_buf: Vec<u8>,
     net_buf: Vec<u8>,
     out_buf: Vec<u8>,
@@ -173,7 +195,13 @@ impl Daemon {
         }
         // Nothing changes on the system before every name resolves.
         let endpoints = resolve_endpoints(&config).await?;
-        run_hooks("pre_up", &config.interface.pre_up, &name)?;
+        hooks::run_async(
+            HookStage::PreUp,
+            config.interface.pre_up.clone(),
+            name.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
 
         let tun = tun_rs::DeviceBuilder::new()
             .name(&name)
@@ -194,6 +222,18 @@ impl Daemon {
                 return Err(e);
             }
         };
+        // Bound before READY, so a busy port fails `up` with a clear error.
+        let metrics_server = match config.interface.metrics_listen {
+            Some(addr) => match MetricsServer::bind(addr).await {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    drop(ends);
+                    undo_net(net).await;
+                    return Err(e.to_string());
+                }
+            },
+            None => None,
+        };
         let _ = std::fs::remove_file(&socket_path);
         let listener = match bind_control(&socket_path) {
             Ok(l) => l,
@@ -202,6 +242,17 @@ impl Daemon {
                 undo_net(net).await;
                 return Err(e);
             }
+        };
+        let (metrics, metrics_task) = match metrics_server {
+            Some(server) => {
+                let latest = std::sync::Arc::new(std::sync::Mutex::new(MetricsSnapshot::default()));
+                let source = std::sync::Arc::clone(&latest);
+                let task = tokio::spawn(
+                    server.serve(move || source.lock().map(|s| s.clone()).unwrap_or_default()),
+                );
+                (Some(latest), Some(task))
+            }
+            None => (None, None),
         };
 
         let now = Instant::now();
@@ -266,14 +317,20 @@ impl Daemon {
             wan_changes,
             wan_watcher,
             rr: 0,
+            watchdog: systemd::Watchdog::from_env(),
+            metrics,
+            metrics_task,
+            next_metrics: now,
+            status_sent: String::new(),
             tun_buf: vec![0; MAX_BUF],
             net_buf: vec![0; MAX_BUF],
             out_buf: vec![0; MAX_BUF],
             plain: Vec::with_capacity(MAX_BUF),
         };
-        if let Err(e) = run_hooks("post_up", &daemon.config.interface.post_up, &name) {
+        let post_up = daemon.config.interface.post_up.clone();
+        if let Err(e) = hooks::run_async(HookStage::PostUp, post_up, name.clone()).await {
             let _ = daemon.shutdown().await;
-            return Err(e);
+            return Err(e.to_string());
         }
         Ok(daemon)
     }
@@ -370,6 +427,17 @@ impl Daemon {
             }
             self.run_timers(now);
             self.drain(now);
+            // In the data path: a stuck loop stops the keep-alives and systemd restarts us.
+            self.watchdog.kick(now);
+            if now >= self.next_metrics {
+                self.next_metrics = now + METRICS_REFRESH;
+                self.refresh_metrics(now);
+                let line = self.status_line();
+                if line != self.status_sent {
+                    systemd::notify_status(&line);
+                    self.status_sent = line;
+                }
+            }
             if now >= self.next_refresh {
                 self.next_refresh = now + LINK_REFRESH;
                 self.refresh_links().await;
@@ -382,7 +450,11 @@ impl Daemon {
         self.peers
             .iter()
             .filter_map(|p| p.bond.poll_timeout())
-            .fold(self.next_tick.min(self.next_refresh), Instant::min)
+            .chain(self.watchdog.deadline())
+            .fold(
+                self.next_tick.min(self.next_refresh).min(self.next_metrics),
+                Instant::min,
+            )
     }
 
     fn run_timers(&mut self, now: Instant) {
@@ -419,8 +491,12 @@ impl Daemon {
     /// A packet from TUN: to the bond of the peer whose allowed IPs hold its destination.
     fn on_tun_packet(&mut self, n: usize, now: Instant) {
         let packet = &self.tun_buf[..n];
-        match packet_destination(packet).and_then(|d| self.routes.lookup(d)) {
+        let dst = packet_destination(packet);
+        match dst.and_then(|d| self.routes.lookup(d)) {
             Some(p) => self.peers[p].bond.handle_outbound(packet, now),
+            // The kernel's own multicast (IPv6 router solicitations, MLD) on the TUN device is
+            // not a routing failure worth counting.
+            None if dst.is_some_and(|d| d.is_multicast()) => {}
             None => self.drops.tx_no_route += 1,
         }
     }
@@ -663,125 +739,16 @@ impl Daemon {
         }
     }
 
-    /// The `show` answer.
-    fn status(&self, now: Instant) -> InterfaceStatus {
-        let public = keys::public_from_private(&self.config.interface.private_key);
-        let mut drops = self.drops.clone();
-        let (role, listen_port) = match &self.ends {
-            Ends::Site { links } => {
-                for l in links {
-                    let c = l.tunnel.counters();
-                    drops.malformed += c.rx_bad;
-                    drops.unauthenticated += c.rx_unauthenticated;
-                    drops.replayed += c.rx_replayed;
-                    drops.rate_limited += c.rx_rate_limited;
-                }
-                ("site", None)
-            }
-            Ends::Hub { sessions, port, .. } => {
-                let c = sessions.counters();
-                drops.malformed += c.malformed;
-                drops.unauthenticated += c.unauthenticated;
-                drops.replayed += c.replayed;
-                drops.unknown_peer += c.unknown_peer;
-                drops.no_session += c.no_session;
-                drops.unbound += c.unbound;
-                drops.rate_limited += c.rate_limited;
-                ("hub", Some(*port))
-            }
-        };
-        let hub_sessions = match &self.ends {
-            Ends::Hub { sessions, .. } => sessions.sessions(),
-            Ends::Site { .. } => Vec::new(),
-        };
-        let peers = self
-            .peers
-            .iter()
-            .enumerate()
-            .map(|(pi, p)| {
-                let links: Vec<LinkStatus> = p
-                    .bond
-                    .link_stats()
-                    .into_iter()
-                    .map(|(id, s)| {
-                        let mut ls = link_status(id, &s);
-                        match &self.ends {
-                            Ends::Site { links } => {
-                                if let Some(l) = links.get(usize::from(id.0)) {
-                                    ls.endpoint = Some(l.endpoint.to_string());
-                                    ls.bind = Some(l.bind.clone());
-                                    ls.latest_handshake_secs =
-                                        l.tunnel.time_since_handshake().map(|d| d.as_secs());
-                                    let c = l.tunnel.counters();
-                                    ls.handshakes = c.handshakes;
-                                    ls.rx_rejected =
-                                        c.rx_bad + c.rx_unauthenticated + c.rx_replayed;
-                                }
-                            }
-                            Ends::Hub { .. } => {
-                                if let Some(si) = hub_sessions
-                                    .iter()
-                                    .find(|si| si.peer == pi && si.link == Some(id))
-                                {
-                                    ls.endpoint = Some(canonical(si.endpoint).to_string());
-                                    ls.latest_handshake_secs =
-                                        si.since_handshake.map(|d| d.as_secs());
-                                    ls.handshakes = si.counters.handshakes;
-                                    ls.rx_rejected = si.counters.rx_bad
-                                        + si.counters.rx_unauthenticated
-                                        + si.counters.rx_replayed;
-                                }
-                            }
-                        }
-                        ls
-                    })
-                    .collect();
-                let b = p.bond.stats();
-                PeerStatus {
-                    public_key: keys::encode(&p.config.public_key),
-                    name: p.config.name.clone(),
-                    endpoint: p.config.endpoint.clone(),
-                    allowed_ips: p.config.allowed_ips.iter().map(|n| n.to_string()).collect(),
-                    latest_handshake_secs: links
-                        .iter()
-                        .filter_map(|l| l.latest_handshake_secs)
-                        .min(),
-                    tx_bytes: links.iter().map(|l| l.tx_bytes).sum(),
-                    rx_bytes: links.iter().map(|l| l.rx_bytes).sum(),
-                    rx_source_drops: p.rx_source_drops,
-                    bond: BondStatus {
-                        sent_packets: b.sent_packets,
-                        send_drops: b.send_drops,
-                        delivered_packets: b.delivered_packets,
-                        rx_duplicates: b.rx_duplicates,
-                        reorder_skips: b.reorder_skips,
-                        reorder_late: b.reorder_late,
-                        malformed: b.malformed,
-                        reorder_timeout_ms: ms(b.reorder_timeout),
-                    },
-                    links,
-                }
-            })
-            .collect();
-        InterfaceStatus {
-            name: self.config.name.clone(),
-            role: role.into(),
-            public_key: keys::encode(&public),
-            listen_port,
-            mode: mode_name(self.config.bond.mode).into(),
-            pid: std::process::id(),
-            uptime_secs: now.saturating_duration_since(self.started).as_secs(),
-            drops,
-            peers,
-        }
-    }
-
     /// Removes everything `start` added, newest first. Every step runs even if one fails.
     async fn shutdown(&mut self) -> Result<(), String> {
         let name = self.config.name.clone();
         let mut errors = Vec::new();
-        if let Err(e) = run_hooks("pre_down", &self.config.interface.pre_down, &name) {
-            errors.push(e);
+        let pre_down = self.config.interface.pre_down.clone();
+        if let Err(e) = hooks::run_async(HookStage::PreDown, pre_down, name.clone()).await {
+            errors.push(e.to_string());
+        }
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
         }
         if let Some(task) = self.wan_watcher.take() {
             task.abort();
@@ -796,8 +763,9 @@ impl Daemon {
         // Closing the (non-persistent) TUN device removes it.
         self.tun = None;
         let _ = std::fs::remove_file(&self.socket_path);
-        if let Err(e) = run_hooks("post_down", &self.config.interface.post_down, &name) {
-            errors.push(e);
+        let post_down = self.config.interface.post_down.clone();
+        if let Err(e) = hooks::run_async(HookStage::PostDown, post_down, name.clone()).await {
+            errors.push(e.to_string());
         }
         if errors.is_empty() {
             info!(interface = %name, "down");
@@ -814,159 +782,6 @@ async fn recv_or_pending<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// Polls every socket for a datagram, starting at `start` so no socket starves the others.
-fn poll_recv_any(
-    ends: &Ends,
-    cx: &mut Context<'_>,
-    buf: &mut [u8],
-    start: usize,
-) -> Poll<(usize, io::Result<(usize, SocketAddr)>)> {
-    let mut poll_one = |i: usize, socket: &UdpSocket| {
-        let mut rb = ReadBuf::new(buf);
-        match socket.poll_recv_from(cx, &mut rb) {
-            Poll::Ready(Ok(from)) => Poll::Ready((i, Ok((rb.filled().len(), from)))),
-            Poll::Ready(Err(e)) => Poll::Ready((i, Err(e))),
-            Poll::Pending => Poll::Pending,
-        }
-    };
-    match ends {
-        Ends::Site { links } => {
-            let n = links.len();
-            for k in 0..n {
-                let i = (start + k) % n;
-                if let Poll::Ready(r) = poll_one(i, &links[i].socket) {
-                    return Poll::Ready(r);
-                }
-            }
-            Poll::Pending
-        }
-        Ends::Hub { socket, .. } => poll_one(0, socket),
-    }
-}
-
-/// One more datagram from socket `i` if one is waiting.
-fn try_recv(ends: &Ends, i: usize, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-    let socket = match ends {
-        Ends::Site { links } => &links.get(i)?.socket,
-        Ends::Hub { socket, .. } => socket,
-    };
-    socket.try_recv_from(buf).ok()
-}
-
-/// Sends without waiting; a full buffer or an unreachable network drops the datagram (as a
-/// router would) and counts it.
-fn send_udp(socket: &UdpSocket, datagram: &[u8], to: SocketAddr, drops: &mut InterfaceDrops) {
-    if let Err(e) = socket.try_send_to(datagram, to) {
-        drops.udp_send += 1;
-        if e.kind() != io::ErrorKind::WouldBlock {
-            debug!(%to, "send: {e}");
-        }
-    }
-}
-
-/// Serves one control connection: one request line, one answer line. After `down` the
-/// connection stays open until the process exits, so the client sees EOF only when the
-/// teardown is complete.
-async fn serve_control(stream: UnixStream, tx: mpsc::Sender<ControlMsg>) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = tokio::io::BufReader::new(read.take(control::MAX_REQUEST as u64));
-    let mut line = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
-    if !matches!(read, Ok(Ok(n)) if n > 0) {
-        return;
-    }
-    let (reply, down) = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(request) => {
-            let (reply_tx, reply_rx) = oneshot::channel();
-            let msg = ControlMsg {
-                request,
-                reply: reply_tx,
-            };
-            let reply = if tx.send(msg).await.is_ok() {
-                reply_rx
-                    .await
-                    .unwrap_or_else(|_| refusal("the daemon is going down"))
-            } else {
-                refusal("the daemon is going down")
-            };
-            (reply, request == Request::Down)
-        }
-        Err(e) => (refusal(&format!("bad request: {e}")), false),
-    };
-    let Ok(mut text) = serde_json::to_string(&reply) else {
-        return;
-    };
-    text.push('\n');
-    if write.write_all(text.as_bytes()).await.is_err() {
-        return;
-    }
-    if down {
-        std::future::pending::<()>().await;
-    }
-}
-
-fn refusal(error: &str) -> Reply {
-    Reply {
-        ok: false,
-        error: Some(error.into()),
-        status: None,
-    }
-}
-
-/// Creates the run directory (root only) and removes a stale socket of a dead daemon.
-fn prepare_run_dir(socket_path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let Some(dir) = socket_path.parent() else {
-        return Err(format!("bad control socket path {}", socket_path.display()));
-    };
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))?;
-    Ok(())
-}
-
-fn bind_control(path: &std::path::Path) -> Result<UnixListener, String> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("cannot create the control socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
-    Ok(listener)
-}
-
-/// Resolves each site link's endpoint (a family matching its bind address), before anything
-/// is changed. Hub: nothing to resolve.
-async fn resolve_endpoints(config: &Config) -> Result<Vec<SocketAddr>, String> {
-    let mut out = Vec::new();
-    for link in &config.links {
-        let Some(text) = config.link_endpoint(link) else {
-            return Err(format!("link `{}` has no endpoint", link.name));
-        };
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(text)
-            .await
-            .map_err(|e| {
-                format!(
-                    "link `{}`: cannot resolve endpoint `{text}`: {e}",
-                    link.name
-                )
-            })?
-            .collect();
-        let pick = match &link.bind {
-            LinkBind::Address(a) => addrs.iter().find(|s| s.is_ipv4() == a.is_ipv4()),
-            // Prefer IPv4: WANs (LTE, satellite) more often have it than IPv6.
-            LinkBind::Interface(_) => addrs.iter().find(|s| s.is_ipv4()).or(addrs.first()),
-        };
-        let Some(&addr) = pick else {
-            return Err(format!(
-                "link `{}`: endpoint `{text}` has no address of the bind address's family",
-                link.name
-            ));
-        };
-        out.push(addr);
-    }
-    Ok(out)
 }
 
 /// What the kernel configuration needs from the config.
@@ -1001,172 +816,9 @@ fn net_plan(config: &Config) -> NetPlan {
     }
 }
 
-/// Opens the site's link sockets (bound, marked) or the hub's listening socket.
-fn open_sockets(
-    config: &Config,
-    net: &AppliedNet,
-    endpoints: &[SocketAddr],
-) -> Result<Ends, String> {
-    let keys_for = |p: &PeerConfig| TunnelKeys {
-        private_key: config.interface.private_key,
-        peer_public_key: p.public_key,
-        preshared_key: p.preshared_key,
-        persistent_keepalive: p.persistent_keepalive,
-    };
-    match config.role() {
-        Role::Site => {
-            let Some(peer) = config.peers.first() else {
-                return Err("a site needs a peer".into());
-            };
-            let keys = keys_for(peer);
-            let mut links = Vec::new();
-            for (i, (link, &endpoint)) in config.links.iter().zip(endpoints).enumerate() {
-                let mark = net.links().get(i).map(|r| r.mark);
-                let socket = link_socket(&link.bind, endpoint, mark).map_err(|e| {
-                    format!("link `{}`: cannot open its UDP socket: {e}", link.name)
-                })?;
-                // Distinct random indexes: the hub tells our links apart by them.
-                let index = loop {
-                    let i = rand::random::<u32>() & crate::tunnel::MAX_INDEX;
-                    if !links.iter().any(|l: &SiteLink| l.tunnel.index() == i) {
-                        break i;
-                    }
-                };
-                let tunnel = LinkTunnel::new(&keys, index, None)?;
-                links.push(SiteLink {
-                    name: link.name.clone(),
-                    bind: match &link.bind {
-                        LinkBind::Interface(i) => i.clone(),
-                        LinkBind::Address(a) => a.to_string(),
-                    },
-                    endpoint,
-                    socket,
-                    tunnel,
-                    needs_refresh: false,
-                });
-            }
-            Ok(Ends::Site { links })
-        }
-        Role::Hub => {
-            let Some(port) = config.interface.listen_port else {
-                return Err("a hub needs listen_port".into());
-            };
-            let mark = net.fwmark().or(config.interface.fwmark);
-            let socket = hub_socket(port, mark)
-                .map_err(|e| format!("cannot listen on UDP port {port}: {e}"))?;
-            let peers = config.peers.iter().map(keys_for).collect();
-            Ok(Ends::Hub {
-                socket,
-                port,
-                sessions: Box::new(HubSessions::new(&config.interface.private_key, peers)),
-            })
-        }
-    }
-}
-
-fn tune(socket: &Socket, mark: Option<u32>) -> io::Result<()> {
-    if let Some(m) = mark {
-        socket.set_mark(m)?;
-    }
-    // Bigger buffers absorb bursts; failure only costs throughput.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.set_nonblocking(true)
-}
-
-/// A site link's socket: bound to its WAN device or address, marked for its routing table,
-/// not connected (a connected socket keeps its source address across a DHCP renew).
-fn link_socket(bind: &LinkBind, endpoint: SocketAddr, mark: Option<u32>) -> io::Result<UdpSocket> {
-    let domain = Domain::for_address(endpoint);
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    tune(&socket, mark)?;
-    let local = match bind {
-        LinkBind::Interface(dev) => {
-            socket.bind_device(Some(dev.as_bytes()))?;
-            let any: IpAddr = if endpoint.is_ipv4() {
-                Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                Ipv6Addr::UNSPECIFIED.into()
-            };
-            SocketAddr::new(any, 0)
-        }
-        LinkBind::Address(a) => {
-            if a.is_ipv4() != endpoint.is_ipv4() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("bind address {a} and endpoint {endpoint} are of different families"),
-                ));
-            }
-            SocketAddr::new(*a, 0)
-        }
-    };
-    socket.bind(&local.into())?;
-    UdpSocket::from_std(socket.into())
-}
-
-/// The hub's socket: dual-stack `[::]:port`, or `0.0.0.0:port` where IPv6 is off.
-fn hub_socket(port: u16, mark: Option<u32>) -> io::Result<UdpSocket> {
-    let v6 = (|| {
-        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_only_v6(false)?;
-        tune(&s, mark)?;
-        s.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port).into())?;
-        Ok::<_, io::Error>(s)
-    })();
-    let socket = match v6 {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
-        Err(_) => {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            tune(&s, mark)?;
-            s.bind(&SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port).into())?;
-            s
-        }
-    };
-    UdpSocket::from_std(socket.into())
-}
-
 async fn undo_net(net: AppliedNet) {
     if let Err(e) = net.teardown().await {
         error!("undoing the network configuration: {e}");
-    }
-}
-
-/// Runs wg-quick style hooks (`%i` is the interface name) with `sh -c`; the first failure
-/// stops the list.
-fn run_hooks(stage: &str, commands: &[String], name: &str) -> Result<(), String> {
-    for cmd in commands {
-        let cmd = cmd.replace("%i", name);
-        info!(stage, command = %cmd, "hook");
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .stdin(std::process::Stdio::null())
-            .status()
-            .map_err(|e| format!("{stage} hook `{cmd}`: cannot run sh: {e}"))?;
-        if !status.success() {
-            return Err(format!("{stage} hook `{cmd}` failed ({status})"));
-        }
-    }
-    Ok(())
-}
-
-/// Tells systemd (Type=notify) about our state, if it is listening.
-fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt as _;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(abstract_name) => std::os::unix::net::SocketAddr::from_abstract_name(abstract_name),
-        None => std::os::unix::net::SocketAddr::from_pathname(std::path::Path::new(&path)),
-    };
-    if let Ok(addr) = addr {
-        let _ = sock.send_to_addr(state.as_bytes(), &addr);
     }
 }
 
@@ -1174,143 +826,4 @@ fn peer_label(p: &PeerConfig) -> String {
     p.name
         .clone()
         .unwrap_or_else(|| keys::encode(&p.public_key))
-}
-
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn mode_name(m: bond::Mode) -> &'static str {
-    match m {
-        bond::Mode::Auto => "auto",
-        bond::Mode::Stripe => "stripe",
-        bond::Mode::Duplicate => "duplicate",
-        bond::Mode::Failover => "failover",
-    }
-}
-
-fn state_name(s: Option<LinkState>) -> &'static str {
-    match s {
-        None | Some(LinkState::Probing) => "probing",
-        Some(LinkState::Up) => "up",
-        Some(LinkState::Degraded) => "degraded",
-        Some(LinkState::Down) => "down",
-    }
-}
-
-fn link_status(id: LinkId, s: &bond::LinkStats) -> LinkStatus {
-    LinkStatus {
-        id: id.0,
-        name: s.name.clone(),
-        state: state_name(s.state).into(),
-        rtt_ms: s.srtt.map(ms),
-        min_rtt_ms: s.min_rtt.map(ms),
-        jitter_ms: s.rttvar.map(ms),
-        loss: s.loss,
-        rate_bps: s.est_rate_bps,
-        pacing_rate_bps: s.pacing_rate_bps,
-        tx_packets: s.tx_packets,
-        tx_bytes: s.tx_bytes,
-        tx_duplicates: s.tx_duplicates,
-        rx_packets: s.rx_packets,
-        rx_bytes: s.rx_bytes,
-        queue_drops: s.queue_drops,
-        ..LinkStatus::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn client(stream: UnixStream, line: &str) -> (String, tokio::io::BufReader<UnixStream>) {
-        let mut reader = tokio::io::BufReader::new(stream);
-        reader.get_mut().write_all(line.as_bytes()).await.unwrap();
-        let mut answer = String::new();
-        reader.read_line(&mut answer).await.unwrap();
-        (answer, reader)
-    }
-
-    #[tokio::test]
-    async fn control_show_round_trip() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (tx, mut rx) = mpsc::channel(1);
-        let server = tokio::spawn(serve_control(b, tx));
-        let answer = tokio::spawn(client(a, "{\"cmd\":\"show\"}\n"));
-        let msg = rx.recv().await.unwrap();
-        assert_eq!(msg.request, Request::Show);
-        let status = InterfaceStatus {
-            name: "t0".into(),
-            ..InterfaceStatus::default()
-        };
-        msg.reply
-            .send(Reply {
-                ok: true,
-                error: None,
-                status: Some(status.clone()),
-            })
-            .unwrap();
-        let (line, _) = answer.await.unwrap();
-        let reply: Reply = serde_json::from_str(&line).unwrap();
-        assert_eq!(reply.status, Some(status));
-        server.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn control_rejects_bad_requests() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let server = tokio::spawn(serve_control(b, tx));
-        let (line, _) = client(a, "{\"cmd\":\"reboot\"}\n").await;
-        let reply: Reply = serde_json::from_str(&line).unwrap();
-        assert!(!reply.ok);
-        assert!(reply.error.unwrap().starts_with("bad request"));
-        server.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn down_holds_the_connection_until_the_daemon_is_gone() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (tx, mut rx) = mpsc::channel(1);
-        let server = tokio::spawn(serve_control(b, tx));
-        let answer = tokio::spawn(client(a, "{\"cmd\":\"down\"}\n"));
-        let msg = rx.recv().await.unwrap();
-        assert_eq!(msg.request, Request::Down);
-        msg.reply
-            .send(Reply {
-                ok: true,
-                ..Reply::default()
-            })
-            .unwrap();
-        let (line, mut reader) = answer.await.unwrap();
-        assert!(serde_json::from_str::<Reply>(&line).unwrap().ok);
-        // Still open while the "teardown" runs...
-        let mut rest = Vec::new();
-        let pending =
-            tokio::time::timeout(Duration::from_millis(100), reader.read_to_end(&mut rest)).await;
-        assert!(
-            pending.is_err(),
-            "connection closed before the daemon exited"
-        );
-        // ...and EOF once the daemon (here: the serving task) is gone.
-        server.abort();
-        let eof = tokio::time::timeout(Duration::from_secs(2), reader.read_to_end(&mut rest)).await;
-        assert!(matches!(eof, Ok(Ok(0))));
-    }
-
-    #[tokio::test]
-    async fn a_daemon_going_down_refuses_requests() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (tx, rx) = mpsc::channel(1);
-        drop(rx);
-        let server = tokio::spawn(serve_control(b, tx));
-        let (line, _) = client(a, "{\"cmd\":\"show\"}\n").await;
-        let reply: Reply = serde_json::from_str(&line).unwrap();
-        assert_eq!(reply.error.as_deref(), Some("the daemon is going down"));
-        server.await.unwrap();
-    }
 }

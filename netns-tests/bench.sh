@@ -6,20 +6,23 @@
 #   - wgbond in each mode (with --wgbond; needs the daemon: `wgbond up CONFIG --foreground`),
 # and prints a markdown table; efficiency = goodput / sum of the single-link WireGuard goodputs.
 #
-# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--output FILE]
+# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST]
+#                                  [--output FILE]
 #        (default scenario hetero, 10 s per measurement; several scenarios run one after the
-#        other, each in its own lab, their tables together in FILE)
+#        other, each in its own lab, their tables together in FILE; --modes: comma-separated
+#        wgbond modes, default auto,stripe,duplicate,failover)
 set -u
 # shellcheck source=testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
-SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=()
+SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=() MODES=auto,stripe,duplicate,failover
 while (($#)); do
     case $1 in
     --time) DURATION=${2:-}; OPTIONS+=(--time "$DURATION"); shift ;;
     --wgbond) WITH_WGBOND=1; OPTIONS+=(--wgbond) ;;
+    --modes) MODES=${2:-}; OPTIONS+=(--modes "$MODES"); shift ;;
     --output) OUTPUT=${2:-}; shift ;;
-    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--output FILE]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST] [--output FILE]" >&2; exit 2 ;;
     *) SCENARIOS+=("$1") ;;
     esac
     shift
@@ -38,6 +41,8 @@ if ((${#SCENARIOS[@]} > 1)); then
 fi
 SCENARIO=${SCENARIOS[0]}
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 2 && DURATION <= 120)) || { echo "--time: 2..120 seconds" >&2; exit 2; }
+[[ $MODES =~ ^(auto|stripe|duplicate|failover)(,(auto|stripe|duplicate|failover))*$ ]] ||
+    { echo "--modes: comma-separated list of auto, stripe, duplicate, failover" >&2; exit 2; }
 for tool in iperf3 wg wireguard-go mptcpize; do
     command -v "$tool" >/dev/null || { echo "bench: missing '$tool' (apt-get install iperf3 wireguard-tools wireguard-go mptcpd)" >&2; exit 1; }
 done
@@ -75,6 +80,16 @@ rtt_percentiles() {
                    printf "%.1f %.1f", v[a], v[b] }'
 }
 
+# bench_iperf SRC DST [iperf3 args...] -> receiver Mbit/s; on failure iperf3's last words on stderr.
+bench_iperf() {
+    local src=$1 dst=$2 out="$LAB_STATE/iperf-last.txt" rate
+    shift 2
+    lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c "$dst" -B "$src" -t "$DURATION" "$@" >"$out" 2>&1
+    rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }' "$out")
+    [[ -n $rate ]] || { echo "bench: iperf3 $* to $dst failed:"; tail -n 3 "$out"; } >&2
+    echo "$rate"
+}
+
 # measure DST SRC [extra iperf3 args...]: down (-R, with pings alongside), up, then down with 4
 # streams; sets DOWN, UP, DOWN4, P50, P95 (RTT under the download), GB (all three together).
 measure() {
@@ -83,11 +98,11 @@ measure() {
     lab_exec site1 ping -n -I "$src" -i 0.1 -w "$DURATION" "$dst" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")
-    DOWN=$(t_iperf site1 "$src" "$dst" "$DURATION" -R "$@")
+    DOWN=$(bench_iperf "$src" "$dst" -R "$@")
     wait "$ping_pid" 2>/dev/null
     read -r P50 P95 < <(rtt_percentiles "$pings")
-    UP=$(t_iperf site1 "$src" "$dst" "$DURATION" "$@")
-    DOWN4=$(t_iperf site1 "$src" "$dst" "$DURATION" -R -P 4 "$@")
+    UP=$(bench_iperf "$src" "$dst" "$@")
+    DOWN4=$(bench_iperf "$src" "$dst" -R -P 4 "$@")
     GB=$(t_calc "(${DOWN:-0} + ${UP:-0} + ${DOWN4:-0}) * $DURATION / 8 / 1000")
 }
 
@@ -99,8 +114,9 @@ for i in "${!LAB_LINK_NAME[@]}"; do
     row "${LAB_LINK_NAME[$i]} alone, plain TCP" "$DOWN" "$UP" "" "$P50 / $P95"
 done
 
-# 2. Each link alone through wireguard-go: one tunnel, its UDP socket steered onto link I by an
-#    fwmark rule to the WAN's table.
+# 2. Each link alone through wireguard-go: a fresh tunnel per link, its site socket steered onto
+#    link I by an fwmark rule to the WAN's table, set before the first packet (changing the mark
+#    of a running wireguard-go did not always move its traffic: a sticky source address).
 wg_start() {
     local role=$1 ifname=$2 key=$3
     lab_bg "$role" env WG_PROCESS_FOREGROUND=1 WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 \
@@ -113,36 +129,46 @@ wg_start() {
     done
     lab_exec "$role" wg set "$ifname" private-key "$key" || return 1
 }
-WG_PIDS=()
-# wireguard-go's control sockets live in /var/run/wireguard/, shared by all namespaces: the
-# interface names must differ between hub and site, and from other runs.
-WG_IF_HUB="wbh$$" WG_IF_SITE="wbs$$"
 umask 077
 wg genkey >"$LAB_STATE/hub.key" && wg genkey >"$LAB_STATE/site.key"
-wg_start hub "$WG_IF_HUB" "$LAB_STATE/hub.key" && wg_start site1 "$WG_IF_SITE" "$LAB_STATE/site.key" || { echo "bench: wireguard-go did not start" >&2; exit 1; }
-lab_exec hub wg set "$WG_IF_HUB" listen-port "$WG_PORT" peer "$(wg pubkey <"$LAB_STATE/site.key")" allowed-ips "$WG_SITE/32"
-lab_exec site1 wg set "$WG_IF_SITE" peer "$(wg pubkey <"$LAB_STATE/hub.key")" allowed-ips "$WG_HUB/32" \
-    endpoint "$HUB:$WG_PORT" persistent-keepalive 25
-for role_addr in "hub $WG_HUB $WG_IF_HUB" "site1 $WG_SITE $WG_IF_SITE"; do
-    read -r role addr ifname <<<"$role_addr"
-    lab_exec "$role" ip addr add "$addr/24" dev "$ifname"
-    lab_exec "$role" ip link set "$ifname" mtu 1420 up
-done
 for i in "${!LAB_LINK_NAME[@]}"; do
-    mark=$((0x1000 + i))
+    WG_PIDS=()
+    # wireguard-go's control sockets live in /var/run/wireguard/, shared by all namespaces: the
+    # interface names must differ between hub and site, links, and other runs.
+    WG_IF_HUB="wbh$$$i" WG_IF_SITE="wbs$$$i" mark=$((0x1000 + i))
+    if ! { wg_start hub "$WG_IF_HUB" "$LAB_STATE/hub.key" && wg_start site1 "$WG_IF_SITE" "$LAB_STATE/site.key"; }; then
+        echo "bench: wireguard-go did not start" >&2
+        exit 1
+    fi
     lab_exec site1 ip rule add fwmark "$mark" lookup $((100 + i)) priority $((900 + i))
     lab_exec site1 wg set "$WG_IF_SITE" fwmark "$mark"
-    if ! lab_exec site1 ping -n -q -c 3 -i 0.5 -w 10 "$WG_HUB" >/dev/null 2>&1; then
+    lab_exec hub wg set "$WG_IF_HUB" listen-port "$WG_PORT" peer "$(wg pubkey <"$LAB_STATE/site.key")" allowed-ips "$WG_SITE/32"
+    lab_exec site1 wg set "$WG_IF_SITE" peer "$(wg pubkey <"$LAB_STATE/hub.key")" allowed-ips "$WG_HUB/32" \
+        endpoint "$HUB:$WG_PORT" persistent-keepalive 25
+    for role_addr in "hub $WG_HUB $WG_IF_HUB" "site1 $WG_SITE $WG_IF_SITE"; do
+        read -r role addr ifname <<<"$role_addr"
+        lab_exec "$role" ip addr add "$addr/24" dev "$ifname"
+        lab_exec "$role" ip link set "$ifname" mtu 1420 up
+    done
+    emu_before=$(lab_emu_get "${LAB_LINK_NAME[$i]}" down.passed_bytes)
+    if ! lab_exec site1 ping -n -q -c 1 -w 10 "$WG_HUB" >/dev/null 2>&1; then
         DOWN4="" row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "no handshake" "no handshake"
+        lab_kill_pids "${WG_PIDS[@]}"
         continue
     fi
     before=$(cpu_of "${WG_PIDS[@]}")
     measure "$WG_HUB" "$WG_SITE"
     after=$(cpu_of "${WG_PIDS[@]}")
     WG_DOWN[i]=${DOWN:-0} WG_UP[i]=${UP:-0}
+    # The link's own emulator must have carried the downloads (at least half of what was measured).
+    emu_mb=$((($(lab_emu_get "${LAB_LINK_NAME[$i]}" down.passed_bytes) - emu_before) / 1000000))
+    if awk -v e="$emu_mb" -v gb="$GB" -v u="${UP:-0}" -v d="$DURATION" 'BEGIN { exit !(e < (gb * 1000 - u * d / 8) / 2) }'; then
+        echo "bench: wireguard-go over ${LAB_LINK_NAME[$i]}: only $emu_mb MB crossed that link's emulator: traffic took another link" >&2
+    fi
     row "${LAB_LINK_NAME[$i]} alone, wireguard-go" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
+    lab_kill_pids "${WG_PIDS[@]}"
+    lab_exec site1 ip rule del fwmark "$mark" lookup $((100 + i)) priority $((900 + i))
 done
-lab_kill_pids "${WG_PIDS[@]}"
 WG_SUM_DOWN=$(t_calc "0 $(printf ' + %s' "${WG_DOWN[@]:-0}")")
 WG_SUM_UP=$(t_calc "0 $(printf ' + %s' "${WG_UP[@]:-0}")")
 
@@ -177,9 +203,11 @@ if ((WITH_WGBOND)); then
     if [[ ! -x $WGBOND ]]; then
         DOWN4="" row "wgbond" "not built ($WGBOND)" ""
     else
+        # Control sockets in the lab's state directory: no clash with a real /run/wgbond.
+        export WGBOND_RUN_DIR="$LAB_STATE/wgbond"
         hub_key=$("$WGBOND" genkey) site_key=$("$WGBOND" genkey)
         hub_pub=$("$WGBOND" pubkey <<<"$hub_key") site_pub=$("$WGBOND" pubkey <<<"$site_key")
-        for mode in auto stripe duplicate failover; do
+        for mode in ${MODES//,/ }; do
             cat >"$LAB_STATE/bhub.toml" <<EOF
 [interface]
 private_key = "$hub_key"
@@ -213,13 +241,20 @@ EOF
             hub_pid=$LAB_LAST_PID
             lab_bg site1 "$WGBOND" up "$LAB_STATE/bsite.toml" --foreground >"$LAB_STATE/wgbond-site.log" 2>&1
             site_pid=$LAB_LAST_PID
-            if lab_exec site1 ping -n -q -c 3 -i 0.5 -w 15 10.98.0.1 >/dev/null 2>&1; then
+            # `up --foreground` is not ready at once: wait for the interface, then for a reply.
+            for ((tries = 0; tries < 50; tries++)); do
+                lab_exec site1 ip -br addr show dev bsite 2>/dev/null | grep -q 10.98.0.2 && break
+                sleep 0.1
+            done
+            if lab_exec site1 ping -n -q -c 1 -w 20 10.98.0.1 >/dev/null 2>&1; then
                 before=$(cpu_of "$hub_pid" "$site_pid")
                 measure 10.98.0.1 10.98.0.2
                 after=$(cpu_of "$hub_pid" "$site_pid")
                 row "wgbond $mode" "$DOWN" "$UP" "$(t_calc "($after - $before) / ($GB + 0.000001)")" "$P50 / $P95"
             else
                 DOWN4="" row "wgbond $mode" "no tunnel" "no tunnel"
+                echo "bench: wgbond $mode: no ping through the tunnel; logs:" >&2
+                tail -n 5 "$LAB_STATE/wgbond-hub.log" "$LAB_STATE/wgbond-site.log" >&2
             fi
             lab_kill_pids "$hub_pid" "$site_pid"
         done

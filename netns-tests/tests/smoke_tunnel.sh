@@ -342,6 +342,34 @@ else
     fail metrics "${verdict#bad }"
 fi
 
+# Scraped twice over real HTTP while traffic flows (a 1200-byte ping flood from the hub, about
+# 5 MB): the per-link byte counters grow, and by more than the probes alone would make them.
+SCRAPE='
+import json, re, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9586/metrics", timeout=5).read().decode()
+print(json.dumps({m.group(1): float(m.group(2)) for m in re.finditer(
+    r"wgbond_link_tx_bytes_total\{[^}]*link=\"([^\"]+)\"[^}]*\} (\S+)", text)}))
+'
+in_hub timeout 20 ping -q -f -s 1200 -c 4000 10.99.0.2 >/dev/null 2>&1 &
+flood_pid=$!
+sleep 0.3
+first=$(in_hub python3 -c "$SCRAPE" 2>&1)
+sleep 1
+second=$(in_hub python3 -c "$SCRAPE" 2>&1)
+wait "$flood_pid" 2>/dev/null
+verdict=$(python3 -c '
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+grew = {k: b.get(k, 0) - a.get(k, 0) for k in a}
+ok = sorted(a) == ["wan0", "wan1"] and all(g > 0 for g in grew.values()) and sum(grew.values()) > 1e6
+print(("ok " if ok else "bad ") + "tx bytes grew by %s in 1 s during traffic" % {k: int(v) for k, v in grew.items()})
+' "$first" "$second" 2>&1)
+if [[ $verdict == ok* ]]; then
+    pass metrics_during_traffic "${verdict#ok }"
+else
+    fail metrics_during_traffic "${verdict#bad } (scrapes: $first / $second)"
+fi
+
 # --- down restores everything ------------------------------------------------------------------
 if out=$(in_site timeout 40 "$WGBOND" down wgbsite 2>&1); then
     after=$(tl_snapshot "$SITE_NS")

@@ -176,8 +176,15 @@ measure() {
     lab_exec site1 ping -n -i 0.1 -w "$SECS" "$HUB_IN" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")
-    lab_exec site1 timeout $((SECS + 15)) iperf3 -f m -c "$HUB_IN" -B "$SITE_IN" -t "$SECS" -R \
-        >"$LAB_STATE/iperf.txt" 2>&1
+    # The server may still be finishing the previous test (a 600 ms satellite stream cut off by
+    # its timeout): try again, a bounded number of times.
+    local attempt
+    for attempt in 1 2 3; do
+        lab_exec site1 timeout $((SECS + 15)) iperf3 -f m -c "$HUB_IN" -B "$SITE_IN" -t "$SECS" -R \
+            >"$LAB_STATE/iperf.txt" 2>&1
+        grep -q receiver "$LAB_STATE/iperf.txt" && break
+        sleep 3
+    done
     rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }' \
         "$LAB_STATE/iperf.txt")
     [[ -n $rate ]] || sed 's/^/     | /' "$LAB_STATE/iperf.txt" | tail -n 3

@@ -58,7 +58,15 @@ HUB=$LAB_HUB_IP
 for i in "${!LAB_LINK_NAME[@]}"; do
     t_warm site1 "$(lab_wan_ip 1 "$i")" "$HUB"
 done
-t_iperf_server hub 5201 || exit 1
+# A fresh iperf3 server per measured path: a test whose tunnel is torn down right after can keep
+# a server "busy running a test" for minutes.
+IPERF_PORT=5200 IPERF_PID=""
+new_iperf_server() {
+    [[ -n $IPERF_PID ]] && lab_kill_pids "$IPERF_PID"
+    IPERF_PORT=$((IPERF_PORT + 1))
+    t_iperf_server hub "$IPERF_PORT" || { echo "bench: iperf3 server did not start" >&2; exit 1; }
+    IPERF_PID=$LAB_LAST_PID
+}
 
 # CPU seconds (user + system) used so far by the given PIDs.
 cpu_of() {
@@ -84,7 +92,7 @@ rtt_percentiles() {
 bench_iperf() {
     local src=$1 dst=$2 out="$LAB_STATE/iperf-last.txt" rate
     shift 2
-    lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c "$dst" -B "$src" -t "$DURATION" "$@" >"$out" 2>&1
+    lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$DURATION" "$@" >"$out" 2>&1
     rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }' "$out")
     [[ -n $rate ]] || { echo "bench: iperf3 $* to $dst failed:"; tail -n 3 "$out"; } >&2
     echo "$rate"
@@ -95,6 +103,7 @@ bench_iperf() {
 measure() {
     local dst=$1 src=$2 pings="$LAB_STATE/bench-ping.txt" ping_pid
     shift 2
+    new_iperf_server
     lab_exec site1 ping -n -I "$src" -i 0.1 -w "$DURATION" "$dst" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")

@@ -173,6 +173,7 @@ wait_tunnel() {
 ROWS=()
 measure() {
     local label=$1 rate p50 p95 pings="$LAB_STATE/ping.txt" ping_pid
+    new_iperf_server
     lab_exec site1 ping -n -i 0.1 -w "$SECS" "$HUB_IN" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")
@@ -180,7 +181,7 @@ measure() {
     # its timeout): try again, a bounded number of times.
     local attempt
     for attempt in 1 2 3; do
-        lab_exec site1 timeout $((SECS + 15)) iperf3 -f m -c "$HUB_IN" -B "$SITE_IN" -t "$SECS" -R \
+        lab_exec site1 timeout $((SECS + 15)) iperf3 -f m -c "$HUB_IN" -p "$IPERF_PORT" -B "$SITE_IN" -t "$SECS" -R \
             >"$LAB_STATE/iperf.txt" 2>&1
         grep -q receiver "$LAB_STATE/iperf.txt" && break
         sleep 3
@@ -197,7 +198,15 @@ measure() {
     ROWS+=("$label|${rate:-?}|$p50 / $p95")
 }
 
-t_iperf_server hub 5201 || die "iperf3 server did not start in the hub"
+# A fresh iperf3 server per measurement: one whose last test ran through a tunnel that was then
+# torn down can stay busy, or reset the next client.
+IPERF_PORT=5200 IPERF_PID=""
+new_iperf_server() {
+    [[ -n $IPERF_PID ]] && lab_kill_pids "$IPERF_PID"
+    IPERF_PORT=$((IPERF_PORT + 1))
+    t_iperf_server hub "$IPERF_PORT" || die "iperf3 server did not start in the hub"
+    IPERF_PID=$LAB_LAST_PID
+}
 hub_config auto >"$CONF/hub.toml"
 up hub hub "$CONF/hub.toml"
 
@@ -238,6 +247,7 @@ say "3. The $KILL link dies ${KILL_AT} s into a ${RUN} s download (mode auto) an
 up hub hub "$CONF/hub.toml"
 up site1 site "$CONF/site.toml"
 wait_tunnel
+new_iperf_server
 # A 50 packets/s ping (like a voice call) runs alongside.
 lab_exec site1 ping -n -q -i 0.02 -w "$RUN" "$HUB_IN" >"$LAB_STATE/call.txt" 2>&1 &
 call_pid=$!
@@ -250,11 +260,14 @@ LAB_PIDS+=("$call_pid")
 ) &
 LAB_PIDS+=("$!")
 # A shell loop, not awk, formats the lines: mawk would hold them back until the end.
-lab_exec site1 timeout $((RUN + 15)) iperf3 -f m -c "$HUB_IN" -B "$SITE_IN" -t "$RUN" -i 1 -R --forceflush 2>&1 |
+lab_exec site1 timeout $((RUN + 15)) iperf3 -f m -c "$HUB_IN" -p "$IPERF_PORT" -B "$SITE_IN" -t "$RUN" -i 1 -R --forceflush 2>&1 |
     tee "$LAB_STATE/kill.txt" |
     while read -r line; do
-        [[ $line =~ ([0-9.]+-[0-9.]+)\ +sec.*\ ([0-9.]+)\ Mbits/sec && $line != *sender* && $line != *receiver* ]] &&
+        if [[ $line =~ ([0-9.]+-[0-9.]+)\ +sec.*\ ([0-9.]+)\ Mbits/sec && $line != *sender* && $line != *receiver* ]]; then
             printf '   second %-11s %6s Mbit/s\n' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"
+        elif [[ $line == *error* ]]; then
+            echo "     | $line"
+        fi
     done
 wait "$call_pid" 2>/dev/null
 read -r sent recv < <(sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\1 \2/p' "$LAB_STATE/call.txt")

@@ -243,6 +243,7 @@ for mode in $MODES; do
 
     # The first packets wait for the links' handshakes: up returns once the interface is up.
     ready=0
+    t_up=$(date +%s.%N)
     for ((try = 0; try < 20; try++)); do
         if lab_exec site1 ping -n -q -c 1 -W 1 "$HUB_IN" >/dev/null 2>&1; then
             ready=1
@@ -252,6 +253,13 @@ for mode in $MODES; do
     if ((!ready)); then
         t_fail "${mode}_ping" "no reply through the tunnel within 20 s"
         exit 1
+    fi
+    # The first handshakes must not wait for boringtun's 5 s retry.
+    first=$(awk -v a="$t_up" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    if awk -v f="$first" 'BEGIN { exit !(f <= 3.0) }'; then
+        t_pass "${mode}_first_reply" "first reply ${first} s after up returned"
+    else
+        t_fail "${mode}_first_reply" "first reply only ${first} s after up returned (limit 3 s)"
     fi
     read -r sent recv < <(ping_stats site1 "$HUB_IN" 20 0.05)
     if [[ ${sent:-0} == 20 && ${recv:-0} == 20 ]]; then

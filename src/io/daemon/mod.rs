@@ -243,6 +243,16 @@ impl Daemon {
                 return Err(e);
             }
         };
+        // tokio's `try_send_to` fails with WouldBlock until the reactor has seen a new socket
+        // writable once: without this wait the first handshake initiation is dropped and
+        // boringtun tries again only after 5 s.
+        if let Ends::Site { links } = &ends {
+            for l in links {
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), l.socket.writable())
+                        .await;
+            }
+        }
         // Bound before READY, so a busy port fails `up` with a clear error.
         let metrics_server = match config.interface.metrics_listen {
             Some(addr) => match MetricsServer::bind(addr).await {

@@ -43,6 +43,15 @@ pub const UNBOUND_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound session silent for this long is removed (longer than WireGuard's 180 s key
 /// lifetime plus retries, so only a link that is really gone goes).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the WireGuard state of a removed session is kept. A new initiation for the same
+/// site link reuses it, so boringtun's timestamp check refuses a replayed initiation older than
+/// the last one (a fresh `Tunn` would accept any captured initiation).
+pub const RETIRED_KEEP: Duration = Duration::from_secs(600);
+/// Most removed sessions kept for that.
+const MAX_RETIRED: usize = 1024;
+/// An unbound session younger than this is never evicted to make room for a new one, so
+/// replayed initiations cannot push out a link that is still sending its hello.
+const UNBOUND_GRACE: Duration = Duration::from_secs(5);
 
 /// Index of a peer in the list given to [`HubSessions::new`].
 pub type PeerIndex = usize;
@@ -143,6 +152,20 @@ struct Session {
     last_rx: Instant,
 }
 
+/// What `remove_session_quiet` needs of a session once its tunnel is retired.
+struct RemovedSession {
+    peer: PeerIndex,
+    remote: u32,
+    link: Option<LinkId>,
+}
+
+/// A removed session's WireGuard state, kept for replay protection.
+struct Retired {
+    tunnel: LinkTunnel,
+    index: u32,
+    at: Instant,
+}
+
 /// All WireGuard sessions behind the hub's one UDP port.
 pub struct HubSessions {
     secret: StaticSecret,
@@ -153,6 +176,7 @@ pub struct HubSessions {
     sessions: HashMap<u32, Session>,
     by_remote: HashMap<(PeerIndex, u32), u32>,
     bound: HashMap<(PeerIndex, LinkId), u32>,
+    retired: HashMap<(PeerIndex, u32), Retired>,
     counters: HubCounters,
     events: VecDeque<HubEvent>,
 }
@@ -187,6 +211,7 @@ impl HubSessions {
             sessions: HashMap::new(),
             by_remote: HashMap::new(),
             bound: HashMap::new(),
+            retired: HashMap::new(),
             counters: HubCounters::default(),
             events: VecDeque::new(),
         }
@@ -361,6 +386,25 @@ impl HubSessions {
         if let Some(&index) = self.by_remote.get(&(peer, remote)) {
             return Some(index);
         }
+        if let Some(r) = self.retired.remove(&(peer, remote)) {
+            if r.at.elapsed() < RETIRED_KEEP && !self.sessions.contains_key(&r.index) {
+                // Same site link as a removed session: its `Tunn` remembers the last
+                // initiation's timestamp, so a replay is refused and a real one accepted.
+                self.sessions.insert(
+                    r.index,
+                    Session {
+                        tunnel: r.tunnel,
+                        peer,
+                        remote,
+                        endpoint: from,
+                        link: None,
+                        last_rx: Instant::now(),
+                    },
+                );
+                self.by_remote.insert((peer, remote), r.index);
+                return Some(r.index);
+            }
+        }
         self.create_session(peer, remote, from)
     }
 
@@ -372,15 +416,20 @@ impl HubSessions {
             .map(|(&i, s)| (i, s.last_rx))
             .collect();
         if waiting.len() >= MAX_UNBOUND_PER_PEER {
-            if let Some(&(oldest, _)) = waiting.iter().min_by_key(|(_, t)| *t) {
-                self.remove_session(oldest);
+            match waiting.iter().min_by_key(|(_, t)| *t) {
+                Some(&(oldest, t)) if t.elapsed() >= UNBOUND_GRACE => self.remove_session(oldest),
+                _ => {
+                    // Every waiting session is young: refuse rather than evict one.
+                    self.counters.rate_limited += 1;
+                    return None;
+                }
             }
         }
         let mut rng = rand::thread_rng();
         let index = loop {
             // 2^24 indexes and a few hundred sessions at most: a free one is found at once.
             let i = rng.gen_range(1..=super::MAX_INDEX);
-            if !self.sessions.contains_key(&i) {
+            if !self.sessions.contains_key(&i) && !self.retired.values().any(|r| r.index == i) {
                 break i;
             }
         };
@@ -474,6 +523,27 @@ impl HubSessions {
     fn remove_session_quiet(&mut self, index: u32) -> Option<(PeerIndex, Option<LinkId>)> {
         let s = self.sessions.remove(&index)?;
         self.counters.sessions_removed += 1;
+        self.retired.retain(|_, r| r.at.elapsed() < RETIRED_KEEP);
+        if self.retired.len() >= MAX_RETIRED {
+            if let Some(oldest) = self
+                .retired
+                .iter()
+                .min_by_key(|(_, r)| r.at)
+                .map(|(k, _)| *k)
+            {
+                self.retired.remove(&oldest);
+            }
+        }
+        let (peer, remote, link) = (s.peer, s.remote, s.link);
+        self.retired.insert(
+            (peer, remote),
+            Retired {
+                tunnel: s.tunnel,
+                index,
+                at: Instant::now(),
+            },
+        );
+        let s = RemovedSession { peer, remote, link };
         if self.by_remote.get(&(s.peer, s.remote)) == Some(&index) {
             self.by_remote.remove(&(s.peer, s.remote));
         }
@@ -895,6 +965,37 @@ mod tests {
         let p = data_plaintext(100, 1);
         assert_eq!(send_data(&mut hub, &mut a, 0, &p)[0].0.peer, 0);
         assert_eq!(send_data(&mut hub, &mut b, 0, &p)[0].0.peer, 1);
+    }
+
+    #[test]
+    fn a_replayed_initiation_of_a_removed_session_is_refused() {
+        let (mut hub, hub_key, site_keys) = hub(1);
+        let mut s = site(site_keys[0], &hub_key, &[30], &["192.0.2.1:1000"]);
+        let mut out = vec![0u8; MAX_BUF];
+        let init = s.links[0]
+            .encapsulate(&hello(0), &mut out)
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        assert_eq!(exchange(&mut hub, &mut s, 0, vec![init.clone()]).len(), 1);
+        // The session goes idle and is removed.
+        let later = Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1);
+        hub.update_timers(later, &mut out, &mut |_, _| {});
+        assert!(hub.sessions().is_empty());
+        // Someone who captured the initiation replays it: no answer.
+        let mut answered = 0;
+        hub.handle_datagram(s.addrs[0], &init, Instant::now(), &mut out, &mut |_, _| {
+            answered += 1;
+        });
+        assert_eq!(answered, 0, "a replayed initiation must not be answered");
+        // The real site link handshakes again (a newer timestamp) and is accepted.
+        std::thread::sleep(Duration::from_millis(20));
+        let fresh = match s.links[0].tunn.format_handshake_initiation(&mut out, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        exchange(&mut hub, &mut s, 0, vec![fresh]);
+        assert_eq!(send_data(&mut hub, &mut s, 0, &hello(0)).len(), 1);
     }
 
     #[test]

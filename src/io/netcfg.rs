@@ -545,12 +545,7 @@ impl AppliedNet {
                 do_step(&self.handle, &step.action).await
             };
             if let Err(e) = result {
-                let mut rollback = Vec::new();
-                while let Some(undo) = done.pop() {
-                    if let Err(u) = undo_step(&self.handle, &undo.action).await {
-                        rollback.push(format!("undo `{}`: {}", undo.desc, u.text));
-                    }
-                }
+                let rollback = roll_back(&self.handle, &mut done).await;
                 return Err(NetcfgError::Step {
                     step: step.desc,
                     cause: e.text,
@@ -632,12 +627,7 @@ impl AppliedNet {
         for step in steps {
             tracing::debug!(step = %step.desc, "netcfg");
             if let Err(e) = do_step(&self.handle, &step.action).await {
-                let mut rollback = Vec::new();
-                while let Some(undo) = done.pop() {
-                    if let Err(u) = undo_step(&self.handle, &undo.action).await {
-                        rollback.push(format!("undo `{}`: {}", undo.desc, u.text));
-                    }
-                }
+                let rollback = roll_back(&self.handle, &mut done).await;
                 return Err(NetcfgError::Step {
                     step: step.desc,
                     cause: e.text,
@@ -2009,6 +1999,17 @@ async fn do_step(handle: &Handle, action: &Action) -> Result<(), NlError> {
 }
 
 /// Undoes one step; an object that is already gone counts as undone.
+/// Undoes `done` in reverse after a failed step; returns the undo steps that failed.
+async fn roll_back(handle: &Handle, done: &mut Vec<Step>) -> Vec<String> {
+    let mut failed = Vec::new();
+    while let Some(undo) = done.pop() {
+        if let Err(u) = undo_step(handle, &undo.action).await {
+            failed.push(format!("undo `{}`: {}", undo.desc, u.text));
+        }
+    }
+    failed
+}
+
 async fn undo_step(handle: &Handle, action: &Action) -> Result<(), NlError> {
     let result = match action {
         Action::SetMtu { index, old, .. } => {

@@ -196,3 +196,27 @@ fn a_quiet_bond_ramps_up_fast_when_a_download_starts() {
     assert!(first >= 0.7, "first second {first}");
     assert!(second >= 0.9, "second second {second}");
 }
+
+#[test]
+fn a_long_link_carrying_only_ping_copies_does_not_stretch_the_reorder_timeout() {
+    // Cable dies: bulk moves to the lossy LTE link, and the copies of latency-critical
+    // packets go to LTE and the 300 ms satellite link. Every LTE loss is a gap in the bulk
+    // stream: the receiver must give it up after about LTE's own jitter, not the
+    // satellite's delay (which made TCP crawl at a few Mbit/s in the lab).
+    let mut links = cable_lte_sat();
+    links[0] = links[0].clone().outage(3.0, 9.0);
+    let mut sim = Sim::new(Mode::Auto, &links, 7);
+    sim.run_until(0.5);
+    let bulk = sim.start_source(15.0, 1400);
+    let _ping = sim.start_ping(50);
+    sim.run_until(8.0);
+    let timeout = sim.hub.stats().reorder_timeout;
+    let b = sim.report_source(bulk, 5.0, 8.0);
+    println!(
+        "cable dead: reorder timeout {timeout:?}, bulk longest reorder wait {:?}, loss {:.4}",
+        b.max_reorder_wait,
+        b.loss()
+    );
+    assert!(timeout <= Duration::from_millis(60), "{timeout:?}");
+    assert!(b.max_reorder_wait <= Duration::from_millis(80));
+}

@@ -28,6 +28,10 @@ const RECOVERY_REPLIES: u32 = 3;
 /// Gain cycle once the capacity is known: probe above, drain below, cruise.
 const CYCLE_GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const STARTUP_GAIN: f64 = 2.0;
+/// Queueing delay beyond the link's jitter that counts as a standing queue.
+const STANDING_QUEUE: Duration = Duration::from_millis(5);
+/// Queueing delay beyond the link's jitter that still counts as drained.
+const DRAINED_QUEUE: Duration = Duration::from_millis(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -408,16 +412,41 @@ impl LinkEstimator {
         self.round().max(Duration::from_millis(40))
     }
 
-    /// The latest RTT shows more queue than jitter explains.
-    fn standing_queue(&self) -> bool {
-        self.min_rtt()
-            .is_some_and(|m| self.latest_rtt > m + (2 * self.rttvar).max(Duration::from_millis(5)))
+    /// Queueing delay on the link as the peer's one-way-delay measurements show it (smoothed
+    /// delay over the recent minimum), if the peer has reported any. Reported every feedback
+    /// interval and smoothed over every packet, so it is both faster and steadier than the
+    /// RTT probes.
+    fn owd_queue(&self) -> Option<Duration> {
+        let (o, m) = (self.owd_us?, self.min_owd_us?);
+        Some(Duration::from_micros(u64::from(
+            o.wrapping_sub(m).max(0) as u32
+        )))
     }
 
-    /// The bottleneck queue, as the latest RTT shows it, is (nearly) empty.
+    /// Delay variation that is the link's own (radio, scheduling), not a queue we built: the
+    /// smoothed delay of a jittery link sits that far above its minimum even when idle.
+    fn jitter_allowance(&self) -> Duration {
+        2 * Duration::from_micros(u64::from(self.jitter_us))
+    }
+
+    /// The link's bottleneck holds a standing queue: more delay than its jitter explains.
+    fn standing_queue(&self) -> bool {
+        match self.owd_queue() {
+            Some(q) => q > STANDING_QUEUE + self.jitter_allowance(),
+            None => self
+                .min_rtt()
+                .is_some_and(|m| self.latest_rtt > m + (2 * self.rttvar).max(STANDING_QUEUE)),
+        }
+    }
+
+    /// The bottleneck queue is (nearly) empty.
     fn queue_drained(&self) -> bool {
-        self.min_rtt()
-            .is_none_or(|m| self.latest_rtt <= m + (m / 8).max(Duration::from_millis(2)))
+        match self.owd_queue() {
+            Some(q) => q <= DRAINED_QUEUE + self.jitter_allowance(),
+            None => self
+                .min_rtt()
+                .is_none_or(|m| self.latest_rtt <= m + (m / 8).max(DRAINED_QUEUE)),
+        }
     }
 
     fn on_rate_sample(&mut self, rate: u64, now: Instant, app_limited: bool) {
@@ -515,6 +544,10 @@ pub struct RxLinkMeter {
     pub dirty: bool,
     /// Last time data arrived on this link.
     pub last_data: Option<Instant>,
+    /// Last time data that the reorder buffer may wait for (ordered, the only copy) arrived
+    /// on this link. Copies of latency-critical packets do not count: they are delivered at
+    /// once, and a long link carrying them must not stretch the reorder timeout.
+    pub last_ordered: Option<Instant>,
 }
 
 impl RxLinkMeter {

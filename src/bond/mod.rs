@@ -638,6 +638,9 @@ impl Bond {
                     .rx
                     .on_data(trailer.link_seq, plaintext.len(), owd, now);
                 self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
+                if trailer.flags & (wire::FLAG_UNORDERED | wire::FLAG_DUPLICATE) == 0 {
+                    self.links[i].rx.last_ordered = Some(now);
+                }
                 if trailer.flags & wire::FLAG_UNORDERED != 0 {
                     if self.unordered_seen.first_time(trailer.seq) {
                         self.reorder.deliver_now(packet);
@@ -834,7 +837,7 @@ impl Bond {
     /// that carried data recently.
     fn update_reorder_timeout(&mut self, now: Instant) {
         let recent = self.links.iter().filter(|l| {
-            l.rx.last_data
+            l.rx.last_ordered
                 .is_some_and(|t| now.saturating_duration_since(t) < RECENT_DATA)
         });
         let mut base: Option<u32> = None;

@@ -342,7 +342,12 @@ impl Sim {
         self.next_id
     }
 
-    /// When packet `id` was made.
+    /// Which source made packet `id`.
+    pub fn source_of(&self, id: u64) -> Option<usize> {
+        self.created.get(id as usize).map(|(_, s)| *s)
+    }
+
+    /// When packet `id` was created.
     pub fn created_at(&self, id: u64) -> Option<Instant> {
         self.created.get(id as usize).map(|(t, _)| *t)
     }

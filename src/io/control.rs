@@ -163,6 +163,9 @@ pub struct BondStatus {
     pub malformed: u64,
     /// Current adaptive reorder timeout, milliseconds.
     pub reorder_timeout_ms: f64,
+    /// Longest time a packet waited in the reorder buffer, milliseconds.
+    #[serde(default)]
+    pub reorder_max_wait_ms: f64,
 }
 
 /// One link of a peer.
@@ -372,8 +375,13 @@ pub fn format_status(s: &InterfaceStatus) -> String {
         let b = &p.bond;
         let _ = writeln!(
             o,
-            "  bond: {} packets sent, {} delivered, {} duplicates dropped, {} gaps skipped, reorder wait {:.1} ms",
-            b.sent_packets, b.delivered_packets, b.rx_duplicates, b.reorder_skips, b.reorder_timeout_ms
+            "  bond: {} packets sent, {} delivered, {} duplicates dropped, {} gaps skipped, reorder wait {:.1} ms (longest {:.1} ms)",
+            b.sent_packets,
+            b.delivered_packets,
+            b.rx_duplicates,
+            b.reorder_skips,
+            b.reorder_timeout_ms,
+            b.reorder_max_wait_ms
         );
         if p.rx_source_drops > 0 || b.send_drops > 0 || b.malformed > 0 {
             let _ = writeln!(
@@ -382,6 +390,8 @@ pub fn format_status(s: &InterfaceStatus) -> String {
                 p.rx_source_drops, b.send_drops, b.malformed
             );
         }
+        // Each link's share of the packets sent, so that striping is visible at a glance.
+        let total_tx: u64 = p.links.iter().map(|l| l.tx_packets).sum();
         for l in &p.links {
             let _ = writeln!(o, "  link {} [{}]: {}", l.name, l.id, l.state);
             if let Some(e) = &l.endpoint {
@@ -398,11 +408,12 @@ pub fn format_status(s: &InterfaceStatus) -> String {
                 (Some(r), m, j) => {
                     let _ = writeln!(
                         o,
-                        "    rtt: {r:.1} ms (min {:.1}, jitter {:.1}), loss {:.1}%, rate {}",
+                        "    rtt: {r:.1} ms (min {:.1}, jitter {:.1}), loss {:.1}%, rate {} (pacing {})",
                         m.unwrap_or(r),
                         j.unwrap_or(0.0),
                         l.loss * 100.0,
-                        rate(l.rate_bps)
+                        rate(l.rate_bps),
+                        rate(l.pacing_rate_bps)
                     );
                 }
                 (None, ..) => {
@@ -411,9 +422,10 @@ pub fn format_status(s: &InterfaceStatus) -> String {
             }
             let _ = writeln!(
                 o,
-                "    transfer: {} received, {} sent ({} duplicates)",
+                "    transfer: {} received, {} sent ({:.0}% of packets, {} duplicates)",
                 bytes(l.rx_bytes),
                 bytes(l.tx_bytes),
+                l.tx_packets as f64 * 100.0 / total_tx.max(1) as f64,
                 l.tx_duplicates
             );
             if let Some(h) = l.latest_handshake_secs {
@@ -546,6 +558,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rtt: 42.5 ms"), "{text}");
-        assert!(text.contains("rate 20.0 Mbit/s"), "{text}");
+        assert!(text.contains("rate 20.0 Mbit/s (pacing "), "{text}");
+        assert!(text.contains("% of packets, "), "{text}");
+        assert!(text.contains("(longest "), "{text}");
     }
 }

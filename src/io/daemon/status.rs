@@ -178,6 +178,7 @@ impl Daemon {
                         reorder_late: b.reorder_late,
                         malformed: b.malformed,
                         reorder_timeout_ms: ms(b.reorder_timeout),
+                        reorder_max_wait_ms: ms(b.reorder_max_wait_seen),
                     },
                     links,
                 }

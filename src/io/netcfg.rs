@@ -213,6 +213,60 @@ impl fmt::Display for NetcfgError {
 
 impl std::error::Error for NetcfgError {}
 
+/// Deletes every rule and route stamped with [`ROUTE_PROTOCOL`]: what a wgbond that did not
+/// shut down cleanly (killed, crashed, stopped by the watchdog) left behind. Call only when no
+/// other wgbond runs in this network namespace. Returns how many rules and routes went.
+pub async fn remove_leftovers() -> Result<(usize, usize), NetcfgError> {
+    let (connection, handle, _) = rtnetlink::new_connection()
+        .map_err(|e| NetcfgError::Invalid(format!("cannot open a netlink socket: {e}")))?;
+    let connection = tokio::spawn(connection);
+    let result = sweep(&handle).await;
+    connection.abort();
+    result.map_err(|e| NetcfgError::Invalid(format!("cannot remove leftovers: {e}")))
+}
+
+async fn sweep(handle: &Handle) -> Result<(usize, usize), String> {
+    let err = |what: &str, e: rtnetlink::Error| format!("{what}: {}", NlError::from(e).text);
+    let (mut rules, mut routes) = (0, 0);
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let found: Vec<RuleMessage> = handle
+            .rule()
+            .get(version.clone())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| err("list rules", e))?;
+        for msg in found {
+            let ours = msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == ROUTE_PROTOCOL));
+            if ours {
+                undo_step(handle, &Action::AddRule(msg))
+                    .await
+                    .map_err(|e| format!("delete rule: {}", e.text))?;
+                rules += 1;
+            }
+        }
+        let found: Vec<RouteMessage> = handle
+            .route()
+            .get(version)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| err("list routes", e))?;
+        for msg in found {
+            if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
+                undo_step(handle, &Action::AddRoute(msg))
+                    .await
+                    .map_err(|e| format!("delete route: {}", e.text))?;
+                routes += 1;
+            }
+        }
+    }
+    Ok((rules, routes))
+}
+
 /// Configures the kernel for `plan`. On error nothing is left changed.
 ///
 /// Runs inside a tokio runtime (it spawns its netlink connection task). Let it finish: a

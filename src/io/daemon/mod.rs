@@ -206,6 +206,70 @@ struct Daemon {
     plain: Vec<u8>,
 }
 
+/// An exclusive lock on the run directory's `start.lock`, held by a daemon from its leftover
+/// sweep until its control socket is bound.
+struct StartLock {
+    /// Closing the file releases the lock.
+    _file: std::fs::File,
+}
+
+impl StartLock {
+    /// Waits up to 10 s for the lock; `None` if it cannot be had (then do not sweep).
+    async fn acquire(own_socket: &std::path::Path) -> Option<Self> {
+        use std::os::fd::AsRawFd as _;
+        let path = own_socket.parent()?.join("start.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
+        for _ in 0..200 {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Some(Self { _file: file });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        warn!(
+            "{} is held for 10 s; leftovers of a crash are not swept",
+            path.display()
+        );
+        None
+    }
+}
+
+/// Removes the rules and routes (protocol 87) a wgbond that was killed or crashed left in this
+/// network namespace, so that `up` after a crash works without manual cleanup. Skipped while
+/// any other wgbond daemon answers on its control socket: they might be its objects.
+async fn remove_leftovers(own_socket: &std::path::Path) {
+    let Some(dir) = own_socket.parent() else {
+        return;
+    };
+    let others_alive = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let path = e.path();
+            path != own_socket
+                && path.extension().is_some_and(|x| x == "sock")
+                && std::os::unix::net::UnixStream::connect(&path).is_ok()
+        });
+    if others_alive {
+        return;
+    }
+    match netcfg::remove_leftovers().await {
+        Ok((0, 0)) => {}
+        Ok((rules, routes)) => warn!(
+            rules,
+            routes,
+            "removed rules and routes (proto 87) left by a wgbond that did not shut down cleanly"
+        ),
+        Err(e) => warn!("{e}"),
+    }
+}
+
 impl Daemon {
     async fn start(config: Config) -> Result<Self, String> {
         let name = config.name.clone();
@@ -224,6 +288,12 @@ impl Daemon {
         .await
         .map_err(|e| e.to_string())?;
 
+        // Held until our control socket exists: a daemon starting beside us must see us as
+        // alive before it sweeps leftovers, or it would take our new rules for them.
+        let start_lock = StartLock::acquire(&socket_path).await;
+        if start_lock.is_some() {
+            remove_leftovers(&socket_path).await;
+        }
         let tun = tun_rs::DeviceBuilder::new()
             .name(&name)
             .mtu(config.interface.mtu)
@@ -274,6 +344,7 @@ impl Daemon {
                 return Err(e);
             }
         };
+        drop(start_lock);
         let (metrics, metrics_task) = match metrics_server {
             Some(server) => {
                 let latest = std::sync::Arc::new(std::sync::Mutex::new(MetricsSnapshot::default()));

@@ -57,6 +57,8 @@ cat >"$TMP/wgbsite.toml" <<EOF
 [interface]
 private_key = "$SITE_KEY"
 address = ["10.99.0.2/24"]
+# Every link's socket uses this local port (firewalls and port forwards can name it).
+listen_port = 40123
 
 [bond]
 mode = "$MODE"
@@ -121,6 +123,14 @@ if tl_up "$SITE_NS" "$TMP/wgbsite.toml" wgbsite; then
 else
     fail site_up "$TL_OUT; log: $(tail -5 "$WGBOND_RUN_DIR/wgbsite.log" 2>/dev/null)"
     exit 1
+fi
+
+# Both link sockets on the configured local port, one per WAN device.
+ports=$(in_site ss -Huan 'sport = :40123' | wc -l)
+if ((ports == 2)); then
+    pass site_listen_port "both link sockets bound to local port 40123"
+else
+    fail site_listen_port "$ports sockets on port 40123 (expected 2): $(in_site ss -Huan | head -5)"
 fi
 
 # --- ping --------------------------------------------------------------------------------------

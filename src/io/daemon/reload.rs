@@ -451,7 +451,8 @@ impl Daemon {
         for w in warnings {
             warn!("{w}");
         }
-        let opened = link_socket(&link.bind, endpoint, Some(routing.mark))
+        let port = self.config.interface.listen_port.unwrap_or(0);
+        let opened = link_socket(&link.bind, endpoint, Some(routing.mark), port)
             .map_err(|e| format!("link `{}`: cannot open its UDP socket: {e}", link.name))
             .and_then(|socket| {
                 let Ends::Site { links } = &self.ends else {

@@ -139,7 +139,8 @@ pub(super) fn open_sockets(
             let mut links = Vec::new();
             for (i, (link, &endpoint)) in config.links.iter().zip(endpoints).enumerate() {
                 let mark = net.links().get(i).map(|r| r.mark);
-                let socket = link_socket(&link.bind, endpoint, mark).map_err(|e| {
+                let port = config.interface.listen_port.unwrap_or(0);
+                let socket = link_socket(&link.bind, endpoint, mark, port).map_err(|e| {
                     format!("link `{}`: cannot open its UDP socket: {e}", link.name)
                 })?;
                 let index = unused_index(&links);
@@ -194,12 +195,15 @@ pub(super) fn tune(socket: &Socket, mark: Option<u32>) -> io::Result<()> {
     socket.set_nonblocking(true)
 }
 
-/// A site link's socket: bound to its WAN device or address, marked for its routing table,
-/// not connected (a connected socket keeps its source address across a DHCP renew).
+/// A site link's socket: bound to its WAN device or address and to `port` (0: the kernel picks
+/// one), marked for its routing table, not connected (a connected socket keeps its source
+/// address across a DHCP renew). Links can share one port: each socket is bound to its own
+/// device or address, and the kernel only refuses the same port on the same one.
 pub(super) fn link_socket(
     bind: &LinkBind,
     endpoint: SocketAddr,
     mark: Option<u32>,
+    port: u16,
 ) -> io::Result<UdpSocket> {
     let domain = Domain::for_address(endpoint);
     let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
@@ -212,7 +216,7 @@ pub(super) fn link_socket(
             } else {
                 Ipv6Addr::UNSPECIFIED.into()
             };
-            SocketAddr::new(any, 0)
+            SocketAddr::new(any, port)
         }
         LinkBind::Address(a) => {
             if a.is_ipv4() != endpoint.is_ipv4() {
@@ -221,7 +225,7 @@ pub(super) fn link_socket(
                     format!("bind address {a} and endpoint {endpoint} are of different families"),
                 ));
             }
-            SocketAddr::new(*a, 0)
+            SocketAddr::new(*a, port)
         }
     };
     socket.bind(&local.into())?;

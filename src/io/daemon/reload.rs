@@ -16,9 +16,12 @@ use ipnet::IpNet;
 use tracing::{error, info, warn};
 
 use super::sockets::{link_socket, resolve_link_endpoint, tunnel_keys, unused_index};
+
+/// Longest a reload waits for one new link's endpoint to resolve.
+const RELOAD_DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 use super::{wan_link_plan, Daemon, Ends, Peer, SiteLink};
 use crate::bond::{Bond, LinkId, Mode};
-use crate::config::{Config, LinkConfig, PeerConfig, Role};
+use crate::config::{Config, LinkBind, LinkConfig, PeerConfig, Role};
 use crate::io::systemd;
 use crate::tunnel::LinkTunnel;
 
@@ -204,6 +207,23 @@ pub(super) fn plan_reload(old: &Config, new: &Config) -> Result<ReloadPlan, Vec<
 }
 
 impl Daemon {
+    /// The address a running link already sends to, if a new link names the same endpoint
+    /// (and the family fits its bind address).
+    fn known_endpoint(&self, new: &Config, link: &LinkConfig) -> Option<SocketAddr> {
+        let text = new.link_endpoint(link)?;
+        let Ends::Site { links } = &self.ends else {
+            return None;
+        };
+        links
+            .iter()
+            .filter(|l| self.config.link_endpoint(&l.config) == Some(text))
+            .map(|l| l.endpoint)
+            .find(|a| match &link.bind {
+                LinkBind::Address(b) => b.is_ipv4() == a.is_ipv4(),
+                LinkBind::Interface(_) => true,
+            })
+    }
+
     /// Handles SIGHUP: re-reads the config file and applies the differences, or refuses and
     /// keeps running as before. Tells systemd (RELOADING=1 ... READY=1 with a status).
     pub(super) async fn reload(&mut self) {
@@ -236,10 +256,27 @@ impl Daemon {
                 return;
             }
         };
-        // Every new endpoint resolves before anything changes.
+        // Every new endpoint resolves before anything changes. The loop waits meanwhile (no
+        // packets move), so an endpoint a running link already uses is taken from it rather
+        // than asked of DNS again (which, in a full tunnel, may itself need the tunnel), and a
+        // lookup gets a few seconds at most.
         let mut endpoints = Vec::new();
         for link in &plan.add_links {
-            match resolve_link_endpoint(&new, link).await {
+            if let Some(known) = self.known_endpoint(&new, link) {
+                endpoints.push(known);
+                continue;
+            }
+            let lookup =
+                tokio::time::timeout(RELOAD_DNS_TIMEOUT, resolve_link_endpoint(&new, link));
+            let resolved = match lookup.await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "link `{}`: resolving its endpoint took over {} s",
+                    link.name,
+                    RELOAD_DNS_TIMEOUT.as_secs()
+                )),
+            };
+            match resolved {
                 Ok(a) => endpoints.push(a),
                 Err(e) => {
                     error!("{e}");

@@ -47,6 +47,8 @@ use status::state_name;
 
 /// Packets read per wake-up before the bonds are drained (amortises the drain).
 const BATCH: usize = 64;
+/// Rest after a failed accept on the control socket.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 /// How often the site re-reads its WANs' gateways even without a netlink notification (a
 /// safety net; WAN changes are normally seen at once through [`netcfg::WanWatcher`]).
 const LINK_REFRESH: Duration = Duration::from_secs(60);
@@ -180,6 +182,9 @@ struct Daemon {
     drops: InterfaceDrops,
     next_tick: Instant,
     next_refresh: Instant,
+    /// After a failed accept (out of descriptors), the control socket rests until then
+    /// instead of failing again at once in a busy loop.
+    accept_pause: Option<Instant>,
     /// Site: one message per settled burst of WAN changes (DHCP renew, modem reconnect).
     wan_changes: Option<mpsc::Receiver<()>>,
     wan_watcher: Option<tokio::task::JoinHandle<()>>,
@@ -418,6 +423,7 @@ impl Daemon {
             drops: InterfaceDrops::default(),
             next_tick: now,
             next_refresh: now + LINK_REFRESH,
+            accept_pause: None,
             wan_changes,
             wan_watcher,
             rr: 0,
@@ -454,14 +460,18 @@ impl Daemon {
             return Err("no TUN device".into());
         };
         loop {
-            let deadline = self.next_deadline();
+            let mut deadline = self.next_deadline();
+            if let Some(t) = self.accept_pause {
+                deadline = deadline.min(t);
+            }
+            let accepting = self.accept_pause.is_none_or(|t| Instant::now() >= t);
             let start = self.rr;
             let wake = tokio::select! {
                 _ = signals.term.recv() => Wake::Stop("SIGTERM"),
                 _ = signals.int.recv() => Wake::Stop("SIGINT"),
                 _ = signals.hup.recv() => Wake::Reload,
                 m = self.ctl_rx.recv() => Wake::Control(m),
-                a = self.listener.accept() => Wake::Accept(a.map(|(s, _)| s)),
+                a = self.listener.accept(), if accepting => Wake::Accept(a.map(|(s, _)| s)),
                 r = tun.recv(&mut self.tun_buf) => Wake::Tun(r),
                 (i, r) = poll_fn(|cx| poll_recv_any(&self.ends, cx, &mut self.net_buf, start)) => {
                     Wake::Net(i, r)
@@ -524,9 +534,18 @@ impl Daemon {
                 }
                 Wake::Control(None) => {}
                 Wake::Accept(Ok(stream)) => {
+                    self.accept_pause = None;
                     tokio::spawn(serve_control(stream, self.ctl_tx.clone()));
                 }
-                Wake::Accept(Err(e)) => warn!("control socket accept: {e}"),
+                Wake::Accept(Err(e)) => {
+                    if self.accept_pause.is_none() {
+                        warn!(
+                            "control socket accept: {e}; retrying every {} ms",
+                            ACCEPT_PAUSE.as_millis()
+                        );
+                    }
+                    self.accept_pause = Some(now + ACCEPT_PAUSE);
+                }
                 Wake::WanChanged(Some(())) => {
                     debug!("WAN configuration changed");
                     self.next_refresh = now;

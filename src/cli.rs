@@ -120,6 +120,9 @@ fn pubkey() -> Result<(), String> {
 fn check(path: &Path, verbose: u8) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            if let Some(w) = crate::config::exposed_key_warning(path) {
+                eprintln!("warning: {w}");
+            }
             if verbose > 0 {
                 let role = match config.role() {
                     Role::Site => "site",

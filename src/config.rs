@@ -1476,6 +1476,34 @@ fn read_key_pair(
     }
 }
 
+/// A warning when the config file holds a key inline (`private_key`, a `preshared_key`) and
+/// other users may read it: anyone who can read the file can impersonate the tunnel. Like
+/// wg-quick, this warns rather than refuses (key files are refused: see [`read_key_file`]).
+pub fn exposed_key_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc: toml::Table = text.parse().ok()?;
+    let inline_private = doc
+        .get("interface")
+        .and_then(|i| i.get("private_key"))
+        .is_some();
+    let inline_psk = doc
+        .get("peer")
+        .and_then(|p| p.as_array())
+        .is_some_and(|peers| peers.iter().any(|p| p.get("preshared_key").is_some()));
+    if !(inline_private || inline_psk) {
+        return None;
+    }
+    let shown = path.display();
+    Some(format!(
+        "{shown} holds a key inline and other users can read it (mode {mode:04o}); run `chmod 600 {shown}`, or move the key to `private_key_file`"
+    ))
+}
+
 /// Reads a key file holding one base64 key (like `wg genkey > file`); refuses a file others
 /// can read.
 ///

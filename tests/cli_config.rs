@@ -47,6 +47,8 @@ impl Case {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write config");
+        // As an admin keeps a config with an inline key (see the test of the warning).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         Self { dir, path }
     }
 
@@ -416,6 +418,29 @@ fn key_file_relative_to_config_dir() {
     let case = Case::new("s.toml", &text);
     std::fs::create_dir(case.dir.path().join("keys")).expect("mkdir");
     case.file("keys/site.key", &format!("{SITE_PRIVATE}\n"), 0o600);
+    case.expect_ok();
+}
+
+#[test]
+fn inline_key_in_a_readable_config_is_warned_about() {
+    let case = Case::new("s.toml", &site());
+    std::fs::set_permissions(&case.path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, lines) = case.check();
+    assert_eq!(code, 0, "a warning, not an error: {lines:#?}");
+    let expected = format!(
+        "warning: {} holds a key inline and other users can read it (mode 0644); run `chmod 600 {}`",
+        case.path.display(),
+        case.path.display()
+    );
+    assert!(
+        lines.len() == 1 && lines[0].starts_with(&expected),
+        "{lines:#?}"
+    );
+    // The same file with a key file instead: nothing secret in it, no warning.
+    let text = with_line(&site(), 2, r#"private_key_file = "site.key""#);
+    let case = Case::new("s.toml", &text);
+    case.file("site.key", &format!("{SITE_PRIVATE}\n"), 0o600);
+    std::fs::set_permissions(&case.path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     case.expect_ok();
 }
 

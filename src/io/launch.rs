@@ -22,6 +22,9 @@ const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `wgbond up CONFIG [--foreground]`.
 pub fn up(path: &Path, foreground: bool, verbose: u8) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string().trim_end().to_owned())?;
+    if let Some(w) = crate::config::exposed_key_warning(path) {
+        eprintln!("warning: {w}");
+    }
     if control::request(&config.name, control::Request::Show, Duration::from_secs(2)).is_ok() {
         return Err(format!("`{}` is already up", config.name));
     }

@@ -240,6 +240,8 @@ struct Link {
     queued_bytes: usize,
     /// Latency-critical packets: sent before the bulk queue.
     urgent: VecDeque<Queued>,
+    /// Wire bytes in `urgent` (inner + tunnel overhead), kept so its delay costs O(1).
+    urgent_wire_bytes: usize,
     control: VecDeque<Vec<u8>>,
     next_send: Instant,
     link_seq: u32,
@@ -269,11 +271,7 @@ impl Link {
     /// The same for a latency-critical packet, which overtakes our bulk queue but not the
     /// modem's.
     fn urgent_delay(&self, now: Instant) -> Duration {
-        let bits: u64 = self
-            .urgent
-            .iter()
-            .map(|q| (q.data.len() + TUNNEL_OVERHEAD) as u64 * 8)
-            .sum();
+        let bits = self.urgent_wire_bytes as u64 * 8;
         let backlog = Duration::from_nanos(
             bits.saturating_mul(1_000_000_000) / self.est.est_rate_bps().max(1),
         );
@@ -384,6 +382,7 @@ impl Bond {
             queue: VecDeque::new(),
             queued_bytes: 0,
             urgent: VecDeque::new(),
+            urgent_wire_bytes: 0,
             control: VecDeque::new(),
             next_send: now,
             link_seq: 0,
@@ -510,6 +509,7 @@ impl Bond {
             if targets.is_duplicate() {
                 link.stats.tx_duplicates += 1;
             }
+            link.urgent_wire_bytes += data.len() + TUNNEL_OVERHEAD;
             link.urgent.push_back(Queued {
                 seq: self.next_useq,
                 flags,
@@ -890,7 +890,10 @@ impl Bond {
                 continue;
             }
             let q = match l.urgent.pop_front() {
-                Some(q) => q,
+                Some(q) => {
+                    l.urgent_wire_bytes -= q.data.len() + TUNNEL_OVERHEAD;
+                    q
+                }
                 None => {
                     let Some(q) = l.queue.pop_front() else {
                         continue;

@@ -163,6 +163,22 @@ fn a_link_slowing_down_is_followed_within_two_seconds() {
 }
 
 #[test]
+fn a_link_speeding_up_is_used_within_two_seconds() {
+    // The fast link runs at 15 Mbit/s for 5 s under a saturating load (so its estimate is
+    // 15 and every sample is full), then goes back to 60.
+    let mut links = hetero();
+    links[0] = LinkSpec::new(15.0, 10).rate_change(5.0, 60.0);
+    let mut sim = Sim::new(Mode::Auto, &links, 6);
+    sim.run_until(0.5);
+    let b = sim.start_source(95.0, 1400);
+    sim.run_until(8.0);
+    let r = sim.report_source(b, 7.0, 8.0);
+    let ratio = r.link_rate_bps as f64 / 80e6;
+    println!("15 -> 60 Mbit/s at 5 s: {ratio:.3} of the new sum from 7 s on");
+    assert!(ratio >= 0.85, "{ratio}");
+}
+
+#[test]
 fn udp_at_90_percent_of_the_sum_arrives_complete_and_in_order() {
     let mut sim = Sim::new(Mode::Auto, &hetero(), 6);
     sim.run_until(0.5);

@@ -14,6 +14,9 @@ use super::LinkState;
 /// How long delivery-rate samples count for the capacity estimate: a link that slows down is
 /// noticed within this time.
 pub const RATE_WINDOW: Duration = Duration::from_millis(750);
+/// Queueing delay (beyond jitter) that only a link slowing down builds: probing above the
+/// estimate for one round adds a quarter of a round.
+const LONG_QUEUE: Duration = Duration::from_millis(20);
 /// Window over which loss is measured.
 pub const LOSS_WINDOW: Duration = Duration::from_secs(1);
 /// Rate assumed before any measurement.
@@ -65,6 +68,8 @@ pub struct LinkEstimator {
     phase_start: Instant,
     startup_best: u64,
     startup_rounds_flat: u32,
+    /// The estimate when the current probe phase began.
+    probe_base: u64,
     /// Last feedback entry processed: (receiver time, highest link seq, packets, bytes).
     last_feedback: Option<(u32, u32, u32, u64)>,
     /// Last delivery-rate sample taken while we kept the link busy.
@@ -102,6 +107,7 @@ impl LinkEstimator {
             phase_start: now,
             startup_best: 0,
             startup_rounds_flat: 0,
+            probe_base: 0,
             last_feedback: None,
             rate_base: None,
             last_full_sample: None,
@@ -185,8 +191,11 @@ impl LinkEstimator {
         let gain = match self.phase {
             Phase::Startup => STARTUP_GAIN,
             Phase::Drain => 0.75,
-            // Cruising while the RTT still shows a queue: the estimate is a little high (or
-            // the link slowed); drain at a tenth of the rate instead of keeping it standing.
+            // A long queue at the bottleneck: the link slowed down (its modem's buffer, sized
+            // for the old rate, is now far longer): drain it, and do not probe on top.
+            Phase::Cycle(_) if self.long_queue() => 0.75,
+            // Cruising while a short queue stands: the estimate is a little high; drain at a
+            // tenth of the rate instead of keeping it standing.
             Phase::Cycle(i) if CYCLE_GAINS[i] == 1.0 && self.standing_queue() => 0.9,
             Phase::Cycle(i) => CYCLE_GAINS[i],
         };
@@ -429,6 +438,21 @@ impl LinkEstimator {
         2 * Duration::from_micros(u64::from(self.jitter_us))
     }
 
+    /// Queueing delay beyond the link's jitter.
+    fn queue_excess(&self) -> Duration {
+        match self.owd_queue() {
+            Some(q) => q.saturating_sub(self.jitter_allowance()),
+            None => self
+                .min_rtt()
+                .map_or(Duration::ZERO, |m| self.latest_rtt.saturating_sub(m)),
+        }
+    }
+
+    /// The queue is longer than our probing ever builds: the link has slowed down.
+    fn long_queue(&self) -> bool {
+        self.queue_excess() > LONG_QUEUE
+    }
+
     /// The link's bottleneck holds a standing queue: more delay than its jitter explains.
     fn standing_queue(&self) -> bool {
         match self.owd_queue() {
@@ -452,6 +476,11 @@ impl LinkEstimator {
     fn on_rate_sample(&mut self, rate: u64, now: Instant, app_limited: bool) {
         if !app_limited {
             self.last_full_sample = Some(now);
+        }
+        if !app_limited && self.long_queue() && rate < self.est_rate_bps {
+            // With a long queue at the bottleneck it is busy all the time: what it delivered
+            // is its capacity now. Follow a slower link at once rather than after the window.
+            self.rate_samples.clear();
         }
         if !app_limited || rate > self.est_rate_bps {
             self.rate_samples.push_back((now, rate));
@@ -519,7 +548,19 @@ impl LinkEstimator {
                     elapsed >= self.round()
                 };
                 if done {
-                    self.phase = Phase::Cycle((i + 1) % CYCLE_GAINS.len());
+                    let mut next = (i + 1) % CYCLE_GAINS.len();
+                    // The last probe found more (the link got faster, or a backlog met spare
+                    // capacity): probe again as soon as its samples show it, instead of
+                    // cruising out the cycle first, so
+                    // that a link that speeds up from 15 to 60 Mbit/s is followed within
+                    // about ten rounds rather than a second.
+                    if i >= 2 && self.est_rate_bps as f64 >= self.probe_base as f64 * 1.1 {
+                        next = 0;
+                    }
+                    if next == 0 {
+                        self.probe_base = self.est_rate_bps;
+                    }
+                    self.phase = Phase::Cycle(next);
                     self.phase_start = now;
                 }
             }

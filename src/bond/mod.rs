@@ -473,7 +473,10 @@ impl Bond {
             return;
         }
         self.stats.sent_packets += 1;
-        if self.config.mode == Mode::Auto && scheduler::is_critical(packet) {
+        // Latency-critical packets skip the bulk queues in every mode but `stripe` (kept as
+        // plain earliest-arrival striping): a ping or a TCP ACK must not wait behind a
+        // download, nor be dropped with it when the only link left is full.
+        if self.config.mode != Mode::Stripe && scheduler::is_critical(packet) {
             if self.enqueue_urgent(packet, now) {
                 self.next_useq += 1;
             }
@@ -485,11 +488,12 @@ impl Bond {
         }
     }
 
-    /// Queues a latency-critical packet on the two links where it arrives first, ahead of
-    /// bulk traffic and outside the ordered stream (the receiver delivers it at once).
+    /// Queues a latency-critical packet ahead of bulk traffic and outside the ordered stream
+    /// (the receiver delivers it at once): in `auto` on the two links where it arrives first,
+    /// otherwise on the links the mode picks.
     fn enqueue_urgent(&mut self, packet: &[u8], now: Instant) -> bool {
         self.fill_candidates(now, true);
-        let targets = scheduler::choose(Mode::Auto, &self.cands, true);
+        let targets = scheduler::choose(self.config.mode, &self.cands, true);
         let mut flags = wire::FLAG_UNORDERED;
         if targets.is_duplicate() {
             flags |= wire::FLAG_DUPLICATE;

@@ -219,8 +219,8 @@ fn a_quiet_bond_ramps_up_fast_when_a_download_starts() {
 fn a_long_link_carrying_only_ping_copies_does_not_stretch_the_reorder_timeout() {
     // Cable dies: bulk moves to the lossy LTE link, and the copies of latency-critical
     // packets go to LTE and the 300 ms satellite link. Every LTE loss is a gap in the bulk
-    // stream: the receiver must give it up after about LTE's own jitter, not the
-    // satellite's delay (which made TCP crawl at a few Mbit/s in the lab).
+    // stream: the receiver must wait for it about one LTE round trip (the NACK's answer), not
+    // the satellite's delay (which made TCP crawl at a few Mbit/s in the lab).
     let mut links = cable_lte_sat();
     links[0] = links[0].clone().outage(3.0, 9.0);
     let mut sim = Sim::new(Mode::Auto, &links, 7);
@@ -229,12 +229,27 @@ fn a_long_link_carrying_only_ping_copies_does_not_stretch_the_reorder_timeout() 
     let _ping = sim.start_ping(50);
     sim.run_until(8.0);
     let timeout = sim.hub.stats().reorder_timeout;
+    sim.run_until(8.5);
     let b = sim.report_source(bulk, 5.0, 8.0);
+    let resent: u64 = sim
+        .site
+        .link_stats()
+        .iter()
+        .map(|(_, s)| s.retransmits)
+        .sum();
     println!(
-        "cable dead: reorder timeout {timeout:?}, bulk longest reorder wait {:?}, loss {:.4}",
-        b.max_reorder_wait,
-        b.loss()
+        "cable dead: reorder timeout {timeout:?}, bulk longest reorder wait {:?}, lost {} of {}, {resent} sent again after NACKs",
+        b.max_reorder_wait, b.lost, b.created
     );
-    assert!(timeout <= Duration::from_millis(60), "{timeout:?}");
-    assert!(b.max_reorder_wait <= Duration::from_millis(80));
+    assert!(timeout <= Duration::from_millis(100), "{timeout:?}");
+    assert!(b.max_reorder_wait <= Duration::from_millis(100));
+    // LTE's 1% loss is repaired by the bond: nothing lost, and in order but for the rare
+    // repair whose NACK was lost too (then it comes after its gap was given up).
+    assert!(resent > 0);
+    assert_eq!(b.lost, 0);
+    assert!(
+        b.out_of_order <= b.created / 1000,
+        "{} out of order",
+        b.out_of_order
+    );
 }

@@ -177,6 +177,8 @@ pub struct LinkStats {
     pub rx_bytes: u64,
     /// Packets dropped because the link's send queue was too long.
     pub queue_drops: u64,
+    /// Packets lost on this link that were sent again after the peer's NACK.
+    pub retransmits: u64,
 }
 
 /// Counters of the whole bond.
@@ -224,10 +226,23 @@ const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
 pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
 /// Links with data within this time count for the reorder timeout.
 const RECENT_DATA: Duration = Duration::from_secs(1);
+/// Most sent packets kept per link for NACKs.
+const MAX_SENT_KEPT: usize = 8192;
+/// After this receiver asked for a lost packet, for this long the reorder timeout leaves time
+/// for the answer (a round trip on the fastest link).
+const NACK_RECENT: Duration = Duration::from_secs(2);
 
 struct Queued {
     seq: u64,
     flags: u8,
+    data: Vec<u8>,
+}
+
+/// A packet sent on a link, kept for a possible NACK.
+struct SentRecord {
+    link_seq: u32,
+    seq: u64,
+    at: Instant,
     data: Vec<u8>,
 }
 
@@ -242,6 +257,9 @@ struct Link {
     urgent: VecDeque<Queued>,
     /// Wire bytes in `urgent` (inner + tunnel overhead), kept so its delay costs O(1).
     urgent_wire_bytes: usize,
+    /// Ordered packets sent recently, oldest first, kept to be sent again if the peer reports
+    /// them lost (a NACK); an empty `data` marks one already sent again.
+    sent: VecDeque<SentRecord>,
     control: VecDeque<Vec<u8>>,
     next_send: Instant,
     link_seq: u32,
@@ -305,6 +323,8 @@ pub struct Bond {
     next_useq: u64,
     unordered_seen: reorder::SeenWindow,
     unordered_dups: u64,
+    /// When this receiver last sent a NACK.
+    last_nack: Option<Instant>,
 }
 
 impl Bond {
@@ -334,6 +354,7 @@ impl Bond {
             next_useq: 0,
             unordered_seen: reorder::SeenWindow::new(4096),
             unordered_dups: 0,
+            last_nack: None,
         }
     }
 
@@ -383,6 +404,7 @@ impl Bond {
             queued_bytes: 0,
             urgent: VecDeque::new(),
             urgent_wire_bytes: 0,
+            sent: VecDeque::new(),
             control: VecDeque::new(),
             next_send: now,
             link_seq: 0,
@@ -637,6 +659,7 @@ impl Bond {
         }
         match msg {
             Message::Data { packet, trailer } => {
+                self.nack_gap(i, trailer.link_seq, now);
                 let owd = self.micros(now).wrapping_sub(trailer.send_time_us);
                 self.links[i]
                     .rx
@@ -667,6 +690,77 @@ impl Bond {
             Message::Control(c) => self.handle_control(i, c, now),
         }
         Ok(())
+    }
+
+    /// A link delivers in order: a jump in its sequence numbers means the packets between were
+    /// lost. Ask the sender for them at once, on this link and on the fastest other one.
+    fn nack_gap(&mut self, i: usize, link_seq: u32, now: Instant) {
+        let rx = &self.links[i].rx;
+        if rx.packets == 0 {
+            return;
+        }
+        let gap = link_seq.wrapping_sub(rx.highest_link_seq);
+        if !(2..=u32::from(wire::MAX_NACK_RUN) + 1).contains(&gap) {
+            return;
+        }
+        let nack = Control::Nack(wire::Nack {
+            link_id: self.links[i].id.0,
+            first_link_seq: rx.highest_link_seq.wrapping_add(1),
+            count: (gap - 1) as u16,
+        });
+        self.push_control(i, &nack);
+        let other = (0..self.links.len())
+            .filter(|&j| j != i && self.links[j].est.usable())
+            .min_by_key(|&j| self.links[j].est.srtt().unwrap_or(Duration::MAX));
+        if let Some(j) = other {
+            self.push_control(j, &nack);
+        }
+        self.last_nack = Some(now);
+    }
+
+    /// Sends again, ahead of bulk traffic and on the link where they arrive first, the packets
+    /// a NACK reports lost (those still kept and not sent again already).
+    fn resend(&mut self, n: wire::Nack, now: Instant) {
+        let Some(j) = self.link_index(LinkId(n.link_id)) else {
+            return;
+        };
+        let mut found = Vec::new();
+        for k in 0..u32::from(n.count.min(wire::MAX_NACK_RUN)) {
+            let ls = n.first_link_seq.wrapping_add(k);
+            let sent = &mut self.links[j].sent;
+            let at = sent.partition_point(|r| (r.link_seq.wrapping_sub(ls) as i32) < 0);
+            if let Some(r) = sent.get_mut(at) {
+                if r.link_seq == ls && !r.data.is_empty() {
+                    found.push((r.seq, std::mem::take(&mut r.data)));
+                }
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        self.fill_candidates(now, true);
+        let Some(&t) = scheduler::choose(Mode::Stripe, &self.cands, false)
+            .as_slice()
+            .first()
+        else {
+            for (_, b) in found {
+                self.give_buf(b);
+            }
+            return;
+        };
+        self.links[j].stats.retransmits += found.len() as u64;
+        let link = &mut self.links[t];
+        for (seq, data) in found {
+            if link.urgent.len() >= MAX_URGENT {
+                break;
+            }
+            link.urgent_wire_bytes += data.len() + TUNNEL_OVERHEAD;
+            link.urgent.push_back(Queued {
+                seq,
+                flags: 0,
+                data,
+            });
+        }
     }
 
     fn handle_control(&mut self, i: usize, c: Control, now: Instant) {
@@ -710,6 +804,7 @@ impl Bond {
                     l.app_limited = l.queue.is_empty();
                 }
             }
+            Control::Nack(n) => self.resend(n, now),
             Control::Hello(h) => {
                 self.learn_peer_bond_id(h.bond_id);
                 self.links[i].stats.name.clone_from(&h.name);
@@ -864,9 +959,26 @@ impl Bond {
                 spread = spread.max(i64::from(o.wrapping_sub(b) as i32));
             }
         }
-        let t = Duration::from_micros(spread as u64 + 4 * jitter)
+        let mut t = Duration::from_micros(spread as u64 + 4 * jitter)
             + MIN_REORDER_WAIT
             + self.reorder_extra;
+        // While links lose packets, a gap is worth waiting a round trip for: the NACK's
+        // answer on the fastest link.
+        if self
+            .last_nack
+            .is_some_and(|at| now.saturating_duration_since(at) < NACK_RECENT)
+        {
+            // As a retransmission timer would: smoothed RTT plus four deviations.
+            let fastest = self
+                .links
+                .iter()
+                .filter(|l| l.est.usable())
+                .filter_map(|l| Some(l.est.srtt()? + 4 * l.est.rttvar()))
+                .min();
+            if let Some(rto) = fastest {
+                t = t.max(rto + MIN_REORDER_WAIT);
+            }
+        }
         self.reorder
             .set_timeout(t.min(self.config.reorder_max_wait));
     }
@@ -930,7 +1042,37 @@ impl Bond {
             l.stats.tx_bytes += buf.len() as u64;
             let id = l.id;
             self.rr = (i + 1) % n;
-            self.give_buf(q.data);
+            // Kept for a NACK: ordered packets that have no other copy on the way.
+            if q.flags & (wire::FLAG_UNORDERED | wire::FLAG_DUPLICATE) == 0 {
+                let keep = l
+                    .est
+                    .srtt()
+                    .map_or(Duration::from_millis(500), |r| {
+                        2 * r + Duration::from_millis(100)
+                    })
+                    .min(Duration::from_secs(1));
+                l.sent.push_back(SentRecord {
+                    link_seq: trailer.link_seq,
+                    seq: q.seq,
+                    at: now,
+                    data: q.data,
+                });
+                let mut expired = Vec::new();
+                while l.sent.len() > MAX_SENT_KEPT
+                    || l.sent
+                        .front()
+                        .is_some_and(|r| now.saturating_duration_since(r.at) > keep)
+                {
+                    if let Some(r) = l.sent.pop_front() {
+                        expired.push(r.data);
+                    }
+                }
+                for b in expired {
+                    self.give_buf(b);
+                }
+            } else {
+                self.give_buf(q.data);
+            }
             return Some(Transmit { link: id });
         }
         None

@@ -73,7 +73,25 @@ pub enum Control {
     ProbeReply(ProbeReply),
     /// What the receiver got on each link since the start.
     Feedback(Feedback),
+    /// Data packets the receiver saw missing on one link: please send them again.
+    Nack(Nack),
 }
+
+/// A run of packets missing on one link, by link sequence number: the packets after it on the
+/// same link arrived first, and a link delivers in order, so these were lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nack {
+    /// The link, as the data's sender numbers it.
+    pub link_id: u8,
+    /// First missing link sequence number.
+    pub first_link_seq: u32,
+    /// How many in a row (1..=[`MAX_NACK_RUN`]).
+    pub count: u16,
+}
+
+/// Longest run of missing packets one NACK asks for; a longer gap is an outage, which the
+/// link's failure detection handles.
+pub const MAX_NACK_RUN: u16 = 64;
 
 /// Link identity, sent by the side that owns the link (the site) until acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,6 +220,7 @@ mod ctype {
     pub(super) const PROBE: u8 = 3;
     pub(super) const PROBE_REPLY: u8 = 4;
     pub(super) const FEEDBACK: u8 = 5;
+    pub(super) const NACK: u8 = 6;
 }
 
 /// Length of the IP packet at the start of `buf`, from its header, checked against `buf`.
@@ -331,6 +350,19 @@ fn decode_control(buf: &[u8]) -> Result<Control, DecodeError> {
                 entries,
             })
         }
+        ctype::NACK => {
+            let link_id = r.u8()?;
+            let first_link_seq = r.u32()?;
+            let count = r.u16()?;
+            if count == 0 || count > MAX_NACK_RUN {
+                return Err(DecodeError::BadControlLength);
+            }
+            Control::Nack(Nack {
+                link_id,
+                first_link_seq,
+                count,
+            })
+        }
         _ => return Err(DecodeError::UnknownType),
     };
     if !r.is_empty() {
@@ -410,6 +442,12 @@ pub fn encode_control(msg: &Control, out: &mut Vec<u8>) {
                 out.extend_from_slice(&(e.min_owd_us as u32).to_be_bytes());
             }
         }
+        Control::Nack(n) => {
+            out.push(ctype::NACK);
+            out.push(n.link_id);
+            out.extend_from_slice(&n.first_link_seq.to_be_bytes());
+            out.extend_from_slice(&n.count.clamp(1, MAX_NACK_RUN).to_be_bytes());
+        }
     }
     let total = out.len() as u16;
     let ip = &mut out[..CTRL_IP_LEN];
@@ -460,6 +498,9 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.array()?))
@@ -544,6 +585,11 @@ mod tests {
                 ],
             }),
             Control::Feedback(Feedback::default()),
+            Control::Nack(Nack {
+                link_id: 1,
+                first_link_seq: u32::MAX,
+                count: MAX_NACK_RUN,
+            }),
         ]
     }
 

@@ -46,6 +46,7 @@ fn full_snapshot() -> MetricsSnapshot {
             rx_packets: 20,
             rx_bytes: 20_000,
             queue_drops: 2,
+            retransmits: 0,
         },
         since_handshake: Some(Duration::from_secs(5)),
     };

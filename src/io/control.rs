@@ -210,6 +210,9 @@ pub struct LinkStatus {
     pub rx_bytes: u64,
     /// Packets dropped from the link's send queue.
     pub queue_drops: u64,
+    /// Packets lost on the link and sent again after the peer's NACK.
+    #[serde(default)]
+    pub retransmits: u64,
     /// Seconds since the link's last WireGuard handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_handshake_secs: Option<u64>,
@@ -422,11 +425,12 @@ pub fn format_status(s: &InterfaceStatus) -> String {
             }
             let _ = writeln!(
                 o,
-                "    transfer: {} received, {} sent ({:.0}% of packets, {} duplicates)",
+                "    transfer: {} received, {} sent ({:.0}% of packets, {} duplicates, {} lost and resent)",
                 bytes(l.rx_bytes),
                 bytes(l.tx_bytes),
                 l.tx_packets as f64 * 100.0 / total_tx.max(1) as f64,
-                l.tx_duplicates
+                l.tx_duplicates,
+                l.retransmits
             );
             if let Some(h) = l.latest_handshake_secs {
                 let _ = writeln!(o, "    latest handshake: {}", ago(h));

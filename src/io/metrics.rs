@@ -216,6 +216,12 @@ pub fn render_at(snapshot: &MetricsSnapshot, now: SystemTime) -> String {
         "Packets dropped because the link's send queue was too long",
         None,
     );
+    let link_retx: Counters<LinkLabels> = family(
+        &mut reg,
+        "wgbond_link_retransmits",
+        "Packets lost on the link and sent again after the peer's NACK",
+        None,
+    );
     let link_rtt: Gauges<LinkLabels> = family(
         &mut reg,
         "wgbond_link_rtt",
@@ -393,6 +399,7 @@ pub fn render_at(snapshot: &MetricsSnapshot, now: SystemTime) -> String {
             link_rx_packets.get_or_create(&ll).inc_by(s.rx_packets);
             link_dups.get_or_create(&ll).inc_by(s.tx_duplicates);
             link_qdrops.get_or_create(&ll).inc_by(s.queue_drops);
+            link_retx.get_or_create(&ll).inc_by(s.retransmits);
             // A link not yet measured has no sample, rather than a misleading zero.
             for (fam, value) in [
                 (&link_rtt, s.srtt),
@@ -646,6 +653,7 @@ mod tests {
                 rx_packets: 900,
                 rx_bytes: 7_654_321,
                 queue_drops: 3,
+                retransmits: 4,
             },
             since_handshake: Some(Duration::from_secs(42)),
         }
@@ -710,6 +718,7 @@ mod tests {
         assert_eq!(s("wgbond_link_rx_packets_total", cable), 900.0);
         assert_eq!(s("wgbond_link_duplicates_sent_total", cable), 17.0);
         assert_eq!(s("wgbond_link_queue_drops_total", cable), 3.0);
+        assert_eq!(s("wgbond_link_retransmits_total", cable), 4.0);
         assert_eq!(s("wgbond_link_rtt_seconds", cable), 0.012);
         assert_eq!(s("wgbond_link_min_rtt_seconds", cable), 0.01);
         assert_eq!(s("wgbond_link_rtt_variation_seconds", cable), 0.002);

@@ -241,6 +241,7 @@ pub(super) fn link_status(id: LinkId, s: &bond::LinkStats) -> LinkStatus {
         rx_packets: s.rx_packets,
         rx_bytes: s.rx_bytes,
         queue_drops: s.queue_drops,
+        retransmits: s.retransmits,
         ..LinkStatus::default()
     }
 }

@@ -226,8 +226,8 @@ const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
 pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
 /// Links with data within this time count for the reorder timeout.
 const RECENT_DATA: Duration = Duration::from_secs(1);
-/// Most sent packets kept per link for NACKs.
-const MAX_SENT_KEPT: usize = 8192;
+/// Most sent packets kept per link for NACKs (about 3 MB: a hub keeps this per site link).
+const MAX_SENT_KEPT: usize = 2048;
 /// After this receiver asked for a lost packet, for this long the reorder timeout leaves time
 /// for the answer (a round trip on the fastest link).
 const NACK_RECENT: Duration = Duration::from_secs(2);

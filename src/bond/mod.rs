@@ -715,7 +715,14 @@ impl Bond {
         if let Some(j) = other {
             self.push_control(j, &nack);
         }
+        let first_in_a_while = self
+            .last_nack
+            .is_none_or(|at| now.saturating_duration_since(at) >= NACK_RECENT);
         self.last_nack = Some(now);
+        if first_in_a_while {
+            // Wait for this repair too, not only for the ones after the next timeout update.
+            self.update_reorder_timeout(now);
+        }
     }
 
     /// Sends again, ahead of bulk traffic and on the link where they arrive first, the packets

@@ -253,3 +253,22 @@ fn a_long_link_carrying_only_ping_copies_does_not_stretch_the_reorder_timeout() 
         b.out_of_order
     );
 }
+
+#[test]
+fn a_video_call_loses_almost_nothing_when_the_cable_dies() {
+    // 4 Mbit/s of 500-byte UDP (not "critical": it goes as bulk) while the cable dies for good.
+    // What the dead link had taken is sent again on the others once it is declared down.
+    let mut links = cable_lte_sat();
+    links[0] = links[0].clone().outage(5.0, 1000.0);
+    let mut sim = Sim::new(Mode::Auto, &links, 12);
+    sim.run_until(0.5);
+    let video = sim.start_source(4.0, 500);
+    sim.run_until(10.5);
+    let r = sim.report_source(video, 1.0, 10.0);
+    println!(
+        "video call, cable dies at 5 s: {} of {} lost",
+        r.lost, r.created
+    );
+    // 130 of 9000 were lost before packets of a dead link were sent again.
+    assert!(r.lost <= r.created / 500, "{} lost", r.lost);
+}

@@ -257,6 +257,10 @@ struct Link {
     urgent: VecDeque<Queued>,
     /// Wire bytes in `urgent` (inner + tunnel overhead), kept so its delay costs O(1).
     urgent_wire_bytes: usize,
+    /// Packets sent again (NACKed, or from a link that died): after `urgent`, before `queue`.
+    resend: VecDeque<Queued>,
+    /// Wire bytes in `resend`.
+    resend_wire_bytes: usize,
     /// Ordered packets sent recently, oldest first, kept to be sent again if the peer reports
     /// them lost (a NACK); an empty `data` marks one already sent again.
     sent: VecDeque<SentRecord>,
@@ -278,7 +282,9 @@ impl Link {
     /// average: the pacing gain cycles around it, and using the momentary gain would be
     /// wrong for every packet that waits through a phase change.
     fn queue_delay(&self, now: Instant) -> Duration {
-        let bits = (self.queued_bytes + self.queue.len() * TUNNEL_OVERHEAD) as u64 * 8;
+        let bits = (self.queued_bytes + self.queue.len() * TUNNEL_OVERHEAD + self.resend_wire_bytes)
+            as u64
+            * 8;
         let rate = self.est.est_rate_bps();
         let drain = Duration::from_nanos(bits.saturating_mul(1_000_000_000) / rate.max(1));
         let paced = drain + self.next_send.saturating_duration_since(now);
@@ -404,6 +410,8 @@ impl Bond {
             queued_bytes: 0,
             urgent: VecDeque::new(),
             urgent_wire_bytes: 0,
+            resend: VecDeque::new(),
+            resend_wire_bytes: 0,
             sent: VecDeque::new(),
             control: VecDeque::new(),
             next_send: now,
@@ -745,24 +753,55 @@ impl Bond {
         if found.is_empty() {
             return;
         }
+        self.links[j].stats.retransmits += found.len() as u64;
+        self.send_again(found, now);
+    }
+
+    /// Queues packets sent before (lost, or on a link that died) on the usable link where they
+    /// arrive first, behind latency-critical packets and ahead of bulk traffic, with their
+    /// original sequence numbers.
+    fn send_again(&mut self, packets: Vec<(u64, Vec<u8>)>, now: Instant) {
+        if packets.is_empty() {
+            return;
+        }
         self.fill_candidates(now, true);
         let Some(&t) = scheduler::choose(Mode::Stripe, &self.cands, false)
             .as_slice()
             .first()
         else {
-            for (_, b) in found {
+            for (_, b) in packets {
                 self.give_buf(b);
             }
             return;
         };
-        self.links[j].stats.retransmits += found.len() as u64;
-        let link = &mut self.links[t];
-        for (seq, data) in found {
-            if link.urgent.len() >= MAX_URGENT {
+        // At most what the link sends in twice `max_queue_delay` (at least 96 kB: a lightly
+        // used link's estimate is low), the newest first: after a link died, the oldest of
+        // its packets are the ones the receiver has given up on already, and pings queued
+        // behind must not wait long.
+        let link = &self.links[t];
+        let budget =
+            ((link.est.est_rate_bps() / 8) as u128 * 2 * self.config.max_queue_delay.as_micros()
+                / 1_000_000)
+                .max(96_000);
+        let room = MAX_URGENT.saturating_sub(link.resend.len());
+        let mut used = 0u128;
+        let mut keep = 0;
+        for (_, data) in packets.iter().rev() {
+            used += (data.len() + TUNNEL_OVERHEAD) as u128;
+            if keep >= room || (keep > 0 && used > budget) {
                 break;
             }
-            link.urgent_wire_bytes += data.len() + TUNNEL_OVERHEAD;
-            link.urgent.push_back(Queued {
+            keep += 1;
+        }
+        let skip = packets.len() - keep;
+        let mut packets = packets.into_iter();
+        for (_, b) in packets.by_ref().take(skip) {
+            self.give_buf(b);
+        }
+        let link = &mut self.links[t];
+        for (seq, data) in packets {
+            link.resend_wire_bytes += data.len() + TUNNEL_OVERHEAD;
+            link.resend.push_back(Queued {
                 seq,
                 flags: 0,
                 data,
@@ -867,8 +906,25 @@ impl Bond {
             if let Some(state) = self.links[i].est.update_state(now) {
                 self.events.push_back(Event::LinkState { link: id, state });
                 if state == LinkState::Down && self.links.len() > 1 {
-                    let mut q = std::mem::take(&mut self.links[i].queue);
-                    self.links[i].queued_bytes = 0;
+                    // What the link was given within its dead timeout (and one RTT before, in
+                    // flight when it died) may have died with it: send it again at once on the
+                    // others, ahead of bulk (the receiver drops what it already has); then
+                    // what still waited in its queue.
+                    let l = &mut self.links[i];
+                    let lost_window = l.est.dead_timeout() + l.est.srtt().unwrap_or(Duration::ZERO);
+                    let since = now.checked_sub(lost_window);
+                    let mut again: Vec<(u64, Vec<u8>)> = l
+                        .sent
+                        .drain(..)
+                        .filter(|r| !r.data.is_empty() && since.is_none_or(|t| r.at >= t))
+                        .map(|r| (r.seq, r.data))
+                        .collect();
+                    again.extend(l.resend.drain(..).map(|q| (q.seq, q.data)));
+                    l.resend_wire_bytes = 0;
+                    l.stats.retransmits += again.len() as u64;
+                    let mut q = std::mem::take(&mut l.queue);
+                    l.queued_bytes = 0;
+                    self.send_again(again, now);
                     self.reschedule(&mut q, now);
                 }
             }
@@ -1012,18 +1068,18 @@ impl Bond {
             if l.next_send > now {
                 continue;
             }
-            let q = match l.urgent.pop_front() {
-                Some(q) => {
-                    l.urgent_wire_bytes -= q.data.len() + TUNNEL_OVERHEAD;
-                    q
-                }
-                None => {
-                    let Some(q) = l.queue.pop_front() else {
-                        continue;
-                    };
-                    l.queued_bytes -= q.data.len();
-                    q
-                }
+            let q = if let Some(q) = l.urgent.pop_front() {
+                l.urgent_wire_bytes -= q.data.len() + TUNNEL_OVERHEAD;
+                q
+            } else if let Some(q) = l.resend.pop_front() {
+                l.resend_wire_bytes -= q.data.len() + TUNNEL_OVERHEAD;
+                q
+            } else {
+                let Some(q) = l.queue.pop_front() else {
+                    continue;
+                };
+                l.queued_bytes -= q.data.len();
+                q
             };
             if l.queue.is_empty() {
                 l.app_limited = true;
@@ -1114,7 +1170,11 @@ impl Bond {
             if self.config.sends_hello {
                 min(l.next_hello);
             }
-            if !l.queue.is_empty() || !l.urgent.is_empty() || !l.control.is_empty() {
+            if !l.queue.is_empty()
+                || !l.urgent.is_empty()
+                || !l.resend.is_empty()
+                || !l.control.is_empty()
+            {
                 min(if l.control.is_empty() {
                     l.next_send
                 } else {

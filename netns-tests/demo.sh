@@ -15,7 +15,7 @@
 set -u -o pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
-SECS=5          # per throughput measurement
+SECS=8          # per throughput measurement (BBR needs a few seconds to find the sum)
 HUB_IN=10.99.0.1 SITE_IN=10.99.0.2 PORT=51820
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

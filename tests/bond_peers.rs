@@ -142,3 +142,55 @@ fn a_flood_of_critical_packets_is_bounded_like_bulk() {
     // Two copies each: what cannot be sent within the queue budget is dropped, not held.
     assert!(ping_dropped > 5_000, "pings dropped {ping_dropped}");
 }
+
+/// Both directions delayed by `owd`: `steps` steps of 10 ms from `t`.
+fn run_delayed(a: &mut Bond, b: &mut Bond, t: &mut Instant, owd: Duration, steps: u32) {
+    let mut to_b: std::collections::VecDeque<(Instant, LinkId, Vec<u8>)> = Default::default();
+    let mut to_a: std::collections::VecDeque<(Instant, LinkId, Vec<u8>)> = Default::default();
+    let mut buf = Vec::new();
+    for _ in 0..steps {
+        a.handle_timeout(*t);
+        b.handle_timeout(*t);
+        while let Some(tx) = a.poll_transmit(*t, &mut buf) {
+            to_b.push_back((*t + owd, tx.link, buf.clone()));
+        }
+        while let Some(tx) = b.poll_transmit(*t, &mut buf) {
+            to_a.push_back((*t + owd, tx.link, buf.clone()));
+        }
+        while to_b.front().is_some_and(|(at, ..)| *at <= *t) {
+            if let Some((_, l, p)) = to_b.pop_front() {
+                let _ = b.handle_inbound(l, &p, *t);
+            }
+        }
+        while to_a.front().is_some_and(|(at, ..)| *at <= *t) {
+            if let Some((_, l, p)) = to_a.pop_front() {
+                let _ = a.handle_inbound(l, &p, *t);
+            }
+        }
+        while a.poll_deliver(&mut buf) {}
+        while b.poll_deliver(&mut buf) {}
+        while a.poll_event().is_some() {}
+        while b.poll_event().is_some() {}
+        *t += Duration::from_millis(10);
+    }
+}
+
+#[test]
+fn a_restarted_site_is_measured_afresh() {
+    // Link 0 of the first site run is a 300 ms satellite; the site restarts and its link 0 is
+    // now a 5 ms cable. The hub must measure link 0 afresh, not smooth the satellite's RTT
+    // (and keep its rate) for seconds.
+    let mut t = Instant::now();
+    let mut hub = bond(false, 100, t);
+    let mut site = bond(true, 1, t);
+    run_delayed(&mut site, &mut hub, &mut t, Duration::from_millis(150), 300);
+    let before = hub.link_stats()[0].1.srtt.expect("measured");
+    assert!(before >= Duration::from_millis(290), "{before:?}");
+    let mut site = bond(true, 2, t);
+    run_delayed(&mut site, &mut hub, &mut t, Duration::from_millis(5), 20);
+    let after = hub.link_stats()[0].1.srtt.expect("measured again");
+    println!("hub's link 0 srtt: {before:?} before the site restarted, {after:?} 200 ms after");
+    // (10 ms steps: a 5 ms path measures 20-30 ms here; smoothing from 300 ms would still
+    // read well over 100 ms.)
+    assert!(after <= Duration::from_millis(60), "{after:?}");
+}

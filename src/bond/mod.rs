@@ -852,7 +852,7 @@ impl Bond {
             }
             Control::Nack(n) => self.resend(n, now),
             Control::Hello(h) => {
-                self.learn_peer_bond_id(h.bond_id);
+                self.learn_peer_bond_id(h.bond_id, now);
                 self.links[i].stats.name.clone_from(&h.name);
                 self.links[i].config.name.clone_from(&h.name);
                 let ack = Control::HelloAck {
@@ -874,7 +874,7 @@ impl Bond {
                 if bond_id != self.config.bond_id {
                     return;
                 }
-                self.learn_peer_bond_id(acker_bond_id);
+                self.learn_peer_bond_id(acker_bond_id, now);
                 if !self.links[i].hello_acked {
                     self.links[i].hello_acked = true;
                     self.links[i].next_hello = now + HELLO_REFRESH;
@@ -885,8 +885,11 @@ impl Bond {
     }
 
     /// Notes the peer's bond id (from a hello or a hello ack). A different one than before
-    /// means the peer restarted and numbers its packets from scratch: forget what we received.
-    fn learn_peer_bond_id(&mut self, id: u64) {
+    /// means the peer restarted and numbers its packets from scratch: forget what we received,
+    /// and what we measured of each link: a restarted site may number its links differently
+    /// (link 0 was the satellite, now it is the cable), and a stale 600 ms RTT or rate would
+    /// steer traffic wrongly for seconds.
+    fn learn_peer_bond_id(&mut self, id: u64, now: Instant) {
         if self.peer_bond_id.is_some_and(|b| b != id) {
             self.reorder.reset();
             self.unordered_seen.reset();
@@ -894,6 +897,8 @@ impl Bond {
             self.late_seen = 0;
             for l in &mut self.links {
                 l.rx.reset();
+                l.est = LinkEstimator::new(now, l.config.max_rate_bps);
+                l.app_limited = true;
             }
         }
         self.peer_bond_id = Some(id);

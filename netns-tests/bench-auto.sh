@@ -117,21 +117,13 @@ emu_reset() {
     done
 }
 
-# A fresh iperf3 server per measurement: an aborted test can keep one busy for minutes.
-IPERF_PORT=5200 IPERF_PID=""
-new_iperf_server() {
-    [[ -n $IPERF_PID ]] && lab_kill_pids "$IPERF_PID"
-    IPERF_PORT=$((IPERF_PORT + 1))
-    t_iperf_server hub "$IPERF_PORT" || { echo "bench-auto: iperf3 server did not start" >&2; exit 1; }
-    IPERF_PID=$LAB_LAST_PID
-}
 
 # run_iperf NAME SRC DST SECONDS [iperf3 args...]: JSON result in $LAB_STATE/NAME.json.
 run_iperf() {
     local name=$1 src=$2 dst=$3 secs=$4 out
     shift 4
     out="$LAB_STATE/$name.json"
-    new_iperf_server
+    t_fresh_iperf_server hub || { echo "bench-auto: iperf3 server did not start" >&2; exit 1; }
     lab_exec site1 timeout $((secs + 20)) iperf3 --json -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$secs" "$@" >"$out" 2>&1
     if ! jq -e '.end.sum_received // .end.sum' "$out" >/dev/null 2>&1; then
         note "iperf3 $name failed: $(jq -r '.error // empty' "$out" 2>/dev/null || tail -c 200 "$out")"

@@ -58,15 +58,6 @@ HUB=$LAB_HUB_IP
 for i in "${!LAB_LINK_NAME[@]}"; do
     t_warm site1 "$(lab_wan_ip 1 "$i")" "$HUB"
 done
-# A fresh iperf3 server per measured path: a test whose tunnel is torn down right after can keep
-# a server "busy running a test" for minutes.
-IPERF_PORT=5200 IPERF_PID=""
-new_iperf_server() {
-    [[ -n $IPERF_PID ]] && lab_kill_pids "$IPERF_PID"
-    IPERF_PORT=$((IPERF_PORT + 1))
-    t_iperf_server hub "$IPERF_PORT" || { echo "bench: iperf3 server did not start" >&2; exit 1; }
-    IPERF_PID=$LAB_LAST_PID
-}
 
 # CPU seconds (user + system) used so far by the given PIDs.
 cpu_of() {
@@ -103,7 +94,7 @@ bench_iperf() {
 measure() {
     local dst=$1 src=$2 pings="$LAB_STATE/bench-ping.txt" ping_pid
     shift 2
-    new_iperf_server
+    t_fresh_iperf_server hub || { echo "bench: iperf3 server did not start" >&2; exit 1; }
     lab_exec site1 ping -n -I "$src" -i 0.1 -w "$DURATION" "$dst" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")

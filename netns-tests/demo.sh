@@ -173,7 +173,7 @@ wait_tunnel() {
 ROWS=()
 measure() {
     local label=$1 rate p50 p95 pings="$LAB_STATE/ping.txt" ping_pid
-    new_iperf_server
+    t_fresh_iperf_server hub || die "iperf3 server did not start in the hub"
     lab_exec site1 ping -n -i 0.1 -w "$SECS" "$HUB_IN" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")
@@ -198,15 +198,6 @@ measure() {
     ROWS+=("$label|${rate:-?}|$p50 / $p95")
 }
 
-# A fresh iperf3 server per measurement: one whose last test ran through a tunnel that was then
-# torn down can stay busy, or reset the next client.
-IPERF_PORT=5200 IPERF_PID=""
-new_iperf_server() {
-    [[ -n $IPERF_PID ]] && lab_kill_pids "$IPERF_PID"
-    IPERF_PORT=$((IPERF_PORT + 1))
-    t_iperf_server hub "$IPERF_PORT" || die "iperf3 server did not start in the hub"
-    IPERF_PID=$LAB_LAST_PID
-}
 hub_config auto >"$CONF/hub.toml"
 up hub hub "$CONF/hub.toml"
 
@@ -247,7 +238,7 @@ say "3. The $KILL link dies ${KILL_AT} s into a ${RUN} s download (mode auto) an
 up hub hub "$CONF/hub.toml"
 up site1 site "$CONF/site.toml"
 wait_tunnel
-new_iperf_server
+t_fresh_iperf_server hub || die "iperf3 server did not start in the hub"
 # A 50 packets/s ping (like a voice call) runs alongside.
 lab_exec site1 ping -n -q -i 0.02 -w "$RUN" "$HUB_IN" >"$LAB_STATE/call.txt" 2>&1 &
 call_pid=$!

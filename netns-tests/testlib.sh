@@ -58,6 +58,18 @@ t_iperf_server() {
     return 1
 }
 
+# t_fresh_iperf_server [ROLE]: a new iperf3 server in ROLE (default hub) on the next port from
+# 5201, the previous one stopped: a server whose last test ran through a tunnel that was then
+# torn down can stay busy for minutes, or reset the next client. Sets IPERF_PORT; false if the
+# server did not start.
+IPERF_PORT=5200 IPERF_PID=""
+t_fresh_iperf_server() {
+    [[ -n $IPERF_PID ]] && lab_kill_pids "$IPERF_PID"
+    IPERF_PORT=$((IPERF_PORT + 1))
+    t_iperf_server "${1:-hub}" "$IPERF_PORT" || return 1
+    IPERF_PID=$LAB_LAST_PID
+}
+
 # t_iperf ROLE SRC DST SECONDS [iperf3 options...] -> receiver rate in Mbit/s.
 t_iperf() {
     local role=$1 src=$2 dst=$3 secs=$4

@@ -226,6 +226,8 @@ const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
 pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
 /// Links with data within this time count for the reorder timeout.
 const RECENT_DATA: Duration = Duration::from_secs(1);
+/// Most spare packet buffers kept for reuse.
+const POOL_MAX: usize = 1024;
 /// Most sent packets kept per link for NACKs (about 3 MB: a hub keeps this per site link).
 const MAX_SENT_KEPT: usize = 2048;
 /// After this receiver asked for a lost packet, for this long the reorder timeout leaves time
@@ -456,7 +458,7 @@ impl Bond {
     }
 
     fn give_buf(&mut self, buf: Vec<u8>) {
-        if self.pool.len() < 1024 {
+        if self.pool.len() < POOL_MAX {
             self.pool.push(buf);
         }
     }
@@ -1125,18 +1127,18 @@ impl Bond {
                     at: now,
                     data: q.data,
                 });
-                let mut expired = Vec::new();
+                // Expired buffers go straight back to the pool (a field apart from `links`, so
+                // no Vec in between: this runs for every packet).
                 while l.sent.len() > MAX_SENT_KEPT
                     || l.sent
                         .front()
                         .is_some_and(|r| now.saturating_duration_since(r.at) > keep)
                 {
                     if let Some(r) = l.sent.pop_front() {
-                        expired.push(r.data);
+                        if self.pool.len() < POOL_MAX {
+                            self.pool.push(r.data);
+                        }
                     }
-                }
-                for b in expired {
-                    self.give_buf(b);
                 }
             } else {
                 self.give_buf(q.data);

@@ -327,27 +327,11 @@ async fn apply_inner(plan: &NetPlan, fail_at: Option<usize>) -> Result<AppliedNe
     applied.tunnel_table = layout.tunnel_table;
     applied.warnings = layout.warnings;
     applied.tun_index = layout.tun_index;
-    for (index, step) in layout.steps.into_iter().enumerate() {
-        tracing::debug!(step = %step.desc, "netcfg");
-        let result = if fail_at == Some(index) {
-            Err(NlError {
-                errno: None,
-                text: "injected failure".to_owned(),
-            })
-        } else {
-            do_step(&applied.handle, &step.action).await
-        };
-        match result {
-            Ok(()) => applied.journal.push(step),
-            Err(e) => {
-                let rollback = applied.undo_all().await;
-                applied.finish();
-                return Err(NetcfgError::Step {
-                    step: step.desc,
-                    cause: e.text,
-                    rollback,
-                });
-            }
+    match run_steps(&applied.handle, layout.steps, fail_at).await {
+        Ok(done) => applied.journal = done,
+        Err(e) => {
+            applied.finish();
+            return Err(e);
         }
     }
     Ok(applied)
@@ -587,27 +571,7 @@ impl AppliedNet {
                 rule.text()
             )));
         }
-        let mut done: Vec<Step> = Vec::new();
-        for (index, step) in layout.steps.into_iter().enumerate() {
-            tracing::debug!(step = %step.desc, "netcfg");
-            let result = if fail_at == Some(index) {
-                Err(NlError {
-                    errno: None,
-                    text: "injected failure".to_owned(),
-                })
-            } else {
-                do_step(&self.handle, &step.action).await
-            };
-            if let Err(e) = result {
-                let rollback = roll_back(&self.handle, &mut done).await;
-                return Err(NetcfgError::Step {
-                    step: step.desc,
-                    cause: e.text,
-                    rollback,
-                });
-            }
-            done.push(step);
-        }
+        let done = run_steps(&self.handle, layout.steps, fail_at).await?;
         self.journal.extend(done);
         self.links.push(layout.routing.clone());
         self.link_plans.push(plan.clone());
@@ -677,19 +641,7 @@ impl AppliedNet {
             step.allowed = Some(*net);
             steps.push(step);
         }
-        let mut done: Vec<Step> = Vec::new();
-        for step in steps {
-            tracing::debug!(step = %step.desc, "netcfg");
-            if let Err(e) = do_step(&self.handle, &step.action).await {
-                let rollback = roll_back(&self.handle, &mut done).await;
-                return Err(NetcfgError::Step {
-                    step: step.desc,
-                    cause: e.text,
-                    rollback,
-                });
-            }
-            done.push(step);
-        }
+        let done = run_steps(&self.handle, steps, None).await?;
         self.journal.extend(done);
         let mut failures = Vec::new();
         for net in self.allowed.difference(&wanted) {
@@ -2054,6 +2006,38 @@ async fn do_step(handle: &Handle, action: &Action) -> Result<(), NlError> {
 
 /// Undoes one step; an object that is already gone counts as undone.
 /// Undoes `done` in reverse after a failed step; returns the undo steps that failed.
+/// Does `steps` in order and returns them, done. On a failure, undoes the ones done (newest
+/// first) and reports the failed step, why, and what could not be undone. Step `fail_at`
+/// (0-based) fails as if the kernel had refused it (tests of the rollback).
+async fn run_steps(
+    handle: &Handle,
+    steps: Vec<Step>,
+    fail_at: Option<usize>,
+) -> Result<Vec<Step>, NetcfgError> {
+    let mut done: Vec<Step> = Vec::new();
+    for (index, step) in steps.into_iter().enumerate() {
+        tracing::debug!(step = %step.desc, "netcfg");
+        let result = if fail_at == Some(index) {
+            Err(NlError {
+                errno: None,
+                text: "injected failure".to_owned(),
+            })
+        } else {
+            do_step(handle, &step.action).await
+        };
+        if let Err(e) = result {
+            let rollback = roll_back(handle, &mut done).await;
+            return Err(NetcfgError::Step {
+                step: step.desc,
+                cause: e.text,
+                rollback,
+            });
+        }
+        done.push(step);
+    }
+    Ok(done)
+}
+
 async fn roll_back(handle: &Handle, done: &mut Vec<Step>) -> Vec<String> {
     let mut failed = Vec::new();
     while let Some(undo) = done.pop() {

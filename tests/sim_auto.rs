@@ -272,3 +272,33 @@ fn a_video_call_loses_almost_nothing_when_the_cable_dies() {
     // 130 of 9000 were lost before packets of a dead link were sent again.
     assert!(r.lost <= r.created / 500, "{} lost", r.lost);
 }
+
+#[test]
+fn a_slow_link_taken_into_use_is_waited_for_from_its_first_packet() {
+    // A download starts, fits on the fast link for a while, then needs the slow one too.
+    // Whenever the slow link starts carrying ordered data, its first packets arrive 25 ms
+    // after later ones on the fast link. The receiver's reorder timeout, set from the links
+    // that carried ordered data recently, must count the slow link by then (the sender
+    // announces it on the fast link), or the receiver gives those packets up as lost and TCP
+    // halves its window for nothing.
+    let mut sim = Sim::new(Mode::Auto, &hetero(), 3);
+    sim.run_until(0.5);
+    let b = sim.start_source(40.0, 1400);
+    sim.run_until(3.0);
+    let slow_before = sim.up_stats(1).offered;
+    sim.set_source_rate(b, 65.0);
+    sim.run_until(6.0);
+    let skipped = sim.hub.stats().reorder_skips;
+    // From 1 s: the first half second of a saturating start loses packets to the bond's
+    // queue limit while the estimates ramp up (a_quiet_bond_ramps_up_fast covers that).
+    let r = sim.report_source(b, 1.0, 5.5);
+    let slow = sim.up_stats(1).offered - slow_before;
+    println!(
+        "download onto the slow link: {slow} packets on it after the load grew, {skipped} gaps skipped, {} out of order, {} lost of {}",
+        r.out_of_order, r.lost, r.created
+    );
+    assert!(slow > 1000, "the slow link must be used: {slow}");
+    assert_eq!(skipped, 0);
+    assert_eq!(r.out_of_order, 0);
+    assert_eq!(r.lost, 0);
+}

@@ -581,6 +581,8 @@ pub struct RxLinkMeter {
     /// its mean deviation.
     owd: Option<(u32, u64)>,
     min_owd: Option<(u32, Instant)>,
+    /// Lowest recent one-way delay of probes: the link's delay before it carries data.
+    probe_min_owd: Option<(u32, Instant)>,
     /// New data since the last feedback.
     pub dirty: bool,
     /// Last time data arrived on this link.
@@ -620,6 +622,23 @@ impl RxLinkMeter {
                     && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
             _ => self.min_owd = Some((owd_us, now)),
         }
+    }
+
+    /// Records the one-way delay of a probe (same clocks as data). Kept apart from the data's
+    /// minimum, which the sender compares with queued data's delay.
+    pub fn on_probe(&mut self, owd_us: u32, now: Instant) {
+        match self.probe_min_owd {
+            Some((m, at))
+                if (owd_us.wrapping_sub(m) as i32) >= 0
+                    && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
+            _ => self.probe_min_owd = Some((owd_us, now)),
+        }
+    }
+
+    /// The link's base one-way delay for comparing links (wrapping, relative, microseconds):
+    /// from data, or from probes before any data came.
+    pub fn base_owd(&self) -> Option<u32> {
+        self.min_owd.or(self.probe_min_owd).map(|(m, _)| m)
     }
 
     /// Smoothed one-way delay (wrapping, relative) and jitter, microseconds.

@@ -226,6 +226,9 @@ const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
 pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
 /// Links with data within this time count for the reorder timeout.
 const RECENT_DATA: Duration = Duration::from_secs(1);
+/// A link that carried no ordered data for this long is announced to the peer when it starts
+/// again (half of [`RECENT_DATA`], so the peer never forgets it while it is in use).
+const ORDERED_NOTICE: Duration = Duration::from_millis(500);
 /// Most spare packet buffers kept for reuse.
 const POOL_MAX: usize = 1024;
 /// Most sent packets kept per link for NACKs (about 3 MB: a hub keeps this per site link).
@@ -274,6 +277,9 @@ struct Link {
     hello_acked: bool,
     next_hello: Instant,
     app_limited: bool,
+    /// Last time an ordered single-copy packet was queued here: the peer is told when this
+    /// link starts carrying ordered data after a quiet spell.
+    tx_ordered_at: Option<Instant>,
     stats: LinkStats,
 }
 
@@ -423,6 +429,7 @@ impl Bond {
             hello_acked: false,
             next_hello: now,
             app_limited: true,
+            tx_ordered_at: None,
         });
         self.links.sort_by_key(|l| l.id);
     }
@@ -604,6 +611,15 @@ impl Bond {
                 data: buf,
             });
             sent = true;
+            if flags == 0 {
+                let quiet = link
+                    .tx_ordered_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= ORDERED_NOTICE);
+                link.tx_ordered_at = Some(now);
+                if quiet {
+                    self.announce_ordered(i);
+                }
+            }
         }
         if let Some(b) = data {
             self.give_buf(b);
@@ -625,6 +641,21 @@ impl Bond {
             }
             let copy = q.data.clone();
             let _ = self.enqueue(q.seq, &copy, Some(q.data), now);
+        }
+    }
+
+    /// Tells the peer, on every other usable link, that link `i` now carries ordered data.
+    /// On a link slower than the others the first ordered packets arrive after later ones;
+    /// the peer's reorder timeout, set from the links that carried ordered data recently,
+    /// would give them up as lost (TCP then halves its window for nothing).
+    fn announce_ordered(&mut self, i: usize) {
+        let msg = Control::OrderedOn {
+            link_id: self.links[i].id.0,
+        };
+        for j in 0..self.links.len() {
+            if j != i && self.links[j].est.usable() {
+                self.push_control(j, &msg);
+            }
         }
     }
 
@@ -815,6 +846,8 @@ impl Bond {
         let link_id = self.links[i].id;
         match c {
             Control::Probe(p) => {
+                let owd = self.micros(now).wrapping_sub(p.send_time_us);
+                self.links[i].rx.on_probe(owd, now);
                 let reply = Control::ProbeReply(wire::ProbeReply {
                     link_id: p.link_id,
                     probe_seq: p.probe_seq,
@@ -853,6 +886,12 @@ impl Bond {
                 }
             }
             Control::Nack(n) => self.resend(n, now),
+            Control::OrderedOn { link_id } => {
+                if let Some(j) = self.link_index(LinkId(link_id)) {
+                    self.links[j].rx.last_ordered = Some(now);
+                    self.update_reorder_timeout(now);
+                }
+            }
             Control::Hello(h) => {
                 self.learn_peer_bond_id(h.bond_id, now);
                 self.links[i].stats.name.clone_from(&h.name);
@@ -1014,7 +1053,7 @@ impl Bond {
         let mut jitter: u64 = 0;
         // Base delays (recent minimum) set the spread: queueing is the sender's to predict.
         let owds: Vec<(u32, u64)> = recent
-            .filter_map(|l| Some((l.rx.min_owd()?, l.rx.owd()?.1)))
+            .filter_map(|l| Some((l.rx.base_owd()?, l.rx.owd().map_or(0, |o| o.1))))
             .collect();
         for &(o, j) in &owds {
             jitter = jitter.max(j);

@@ -75,6 +75,14 @@ pub enum Control {
     Feedback(Feedback),
     /// Data packets the receiver saw missing on one link: please send them again.
     Nack(Nack),
+    /// The sender has begun putting ordered data on this link (its number) after a quiet
+    /// spell. Sent on the other links, which arrive first when this one is slower: the
+    /// receiver counts the link's delay in its reorder timeout before the first packets
+    /// arrive, instead of skipping their gap as a loss.
+    OrderedOn {
+        /// The link, as the data's sender numbers it.
+        link_id: u8,
+    },
 }
 
 /// A run of packets missing on one link, by link sequence number: the packets after it on the
@@ -221,6 +229,7 @@ mod ctype {
     pub(super) const PROBE_REPLY: u8 = 4;
     pub(super) const FEEDBACK: u8 = 5;
     pub(super) const NACK: u8 = 6;
+    pub(super) const ORDERED_ON: u8 = 7;
 }
 
 /// Length of the IP packet at the start of `buf`, from its header, checked against `buf`.
@@ -363,6 +372,7 @@ fn decode_control(buf: &[u8]) -> Result<Control, DecodeError> {
                 count,
             })
         }
+        ctype::ORDERED_ON => Control::OrderedOn { link_id: r.u8()? },
         _ => return Err(DecodeError::UnknownType),
     };
     if !r.is_empty() {
@@ -447,6 +457,10 @@ pub fn encode_control(msg: &Control, out: &mut Vec<u8>) {
             out.push(n.link_id);
             out.extend_from_slice(&n.first_link_seq.to_be_bytes());
             out.extend_from_slice(&n.count.clamp(1, MAX_NACK_RUN).to_be_bytes());
+        }
+        Control::OrderedOn { link_id } => {
+            out.push(ctype::ORDERED_ON);
+            out.push(*link_id);
         }
     }
     let total = out.len() as u16;
@@ -590,6 +604,7 @@ mod tests {
                 first_link_seq: u32::MAX,
                 count: MAX_NACK_RUN,
             }),
+            Control::OrderedOn { link_id: 3 },
         ]
     }
 

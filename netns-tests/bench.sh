@@ -7,22 +7,25 @@
 # and prints a markdown table; efficiency = goodput / sum of the single-link WireGuard goodputs.
 #
 # Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST]
-#                                  [--output FILE]
+#                                  [--cc ALGORITHM] [--output FILE]
 #        (default scenario hetero, 10 s per measurement; several scenarios run one after the
 #        other, each in its own lab, their tables together in FILE; --modes: comma-separated
-#        wgbond modes, default auto,stripe,duplicate,failover)
+#        wgbond modes, default auto,stripe,duplicate,failover; --cc: TCP congestion control
+#        of every sender in the lab, e.g. cubic or bbr, default the host's)
 set -u
 # shellcheck source=testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
 SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=() MODES=auto,stripe,duplicate,failover
+CC=$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo '?')
 while (($#)); do
     case $1 in
     --time) DURATION=${2:-}; OPTIONS+=(--time "$DURATION"); shift ;;
     --wgbond) WITH_WGBOND=1; OPTIONS+=(--wgbond) ;;
     --modes) MODES=${2:-}; OPTIONS+=(--modes "$MODES"); shift ;;
+    --cc) CC=${2:-}; OPTIONS+=(--cc "$CC"); shift ;;
     --output) OUTPUT=${2:-}; shift ;;
-    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST] [--output FILE]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST] [--cc ALGORITHM] [--output FILE]" >&2; exit 2 ;;
     *) SCENARIOS+=("$1") ;;
     esac
     shift
@@ -43,6 +46,11 @@ SCENARIO=${SCENARIOS[0]}
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 2 && DURATION <= 120)) || { echo "--time: 2..120 seconds" >&2; exit 2; }
 [[ $MODES =~ ^(auto|stripe|duplicate|failover)(,(auto|stripe|duplicate|failover))*$ ]] ||
     { echo "--modes: comma-separated list of auto, stripe, duplicate, failover" >&2; exit 2; }
+cc_available() { grep -qw -- "$CC" /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null; }
+if ! [[ $CC =~ ^[a-z0-9_]+$ ]] || ! { cc_available || { modprobe -q "tcp_$CC" 2>/dev/null && cc_available; }; }; then
+    echo "--cc: '$CC' is not available (see /proc/sys/net/ipv4/tcp_available_congestion_control)" >&2
+    exit 2
+fi
 for tool in iperf3 wg wireguard-go mptcpize; do
     command -v "$tool" >/dev/null || { echo "bench: missing '$tool' (apt-get install iperf3 wireguard-tools wireguard-go mptcpd)" >&2; exit 1; }
 done
@@ -54,6 +62,10 @@ ROWS=()
 
 lab_trap
 lab_up "$SCENARIO" --no-lan >/dev/null || exit 1
+# Every TCP sender (iperf3 both ways, MPTCP) lives in the hub or the site namespace.
+for ns in hub site1; do
+    lab_exec "$ns" sysctl -qw net.ipv4.tcp_congestion_control="$CC" || { echo "bench: cannot set $CC in $ns" >&2; exit 1; }
+done
 HUB=$LAB_HUB_IP
 for i in "${!LAB_LINK_NAME[@]}"; do
     t_warm site1 "$(lab_wan_ip 1 "$i")" "$HUB"
@@ -263,7 +275,7 @@ fi
 
 eff() { [[ $1 =~ ^[0-9.]+$ ]] && awk -v v="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.2f", v / s }'; }
 {
-    echo "Scenario \`$SCENARIO\` ($(sed -e 's/#.*//' -e '/^ *$/d' "$LAB_SCENARIO" | awk '{printf "%s%s %s Mbit/s %s ms", sep, $1, $2, $3; sep="; "}')), one TCP stream, ${DURATION} s each;"
+    echo "Scenario \`$SCENARIO\` ($(sed -e 's/#.*//' -e '/^ *$/d' "$LAB_SCENARIO" | awk '{printf "%s%s %s Mbit/s %s ms", sep, $1, $2, $3; sep="; "}')), one TCP stream (${CC}), ${DURATION} s each;"
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), commit $(git -C "$LAB_REPO" rev-parse --short HEAD 2>/dev/null || echo '?')."
     echo "Efficiency = goodput / sum of the single-link wireguard-go goodputs ($WG_SUM_DOWN down, $WG_SUM_UP up)."
     echo

@@ -302,3 +302,32 @@ fn a_slow_link_taken_into_use_is_waited_for_from_its_first_packet() {
     assert_eq!(r.out_of_order, 0);
     assert_eq!(r.lost, 0);
 }
+
+#[test]
+fn late_packets_stretch_the_reorder_timeout_only_as_far_as_they_needed() {
+    // The slow link drops from 20 to 8 Mbit/s under load: until the sender notices, its
+    // packets queue ever longer and some arrive after their gap was given up. The receiver
+    // must learn to wait longer, but not far beyond what those packets needed: a timeout
+    // stretched to its 400 ms cap makes every later loss stall the stream that long.
+    let links = vec![
+        LinkSpec::new(60.0, 10),
+        LinkSpec::new(20.0, 35).queue_ms(100).rate_change(3.0, 8.0),
+    ];
+    let mut sim = Sim::new(Mode::Auto, &links, 5);
+    sim.run_until(0.5);
+    let b = sim.start_source(70.0, 1400);
+    let mut peak = Duration::ZERO;
+    for k in 1..=80 {
+        sim.run_until(2.5 + f64::from(k) * 0.05);
+        peak = peak.max(sim.hub.stats().reorder_timeout);
+    }
+    let late = sim.hub.stats().reorder_late;
+    let r = sim.report_source(b, 2.5, 6.5);
+    println!(
+        "slow link 20 -> 8 Mbit/s: {late} late packets, longest wait {:?}, reorder timeout peaked at {peak:?}",
+        r.max_reorder_wait
+    );
+    assert!(late > 0, "the scenario must produce late packets");
+    assert!(late <= 20, "{late} late packets");
+    assert!(peak <= 2 * r.max_reorder_wait, "timeout {peak:?}");
+}

@@ -222,6 +222,8 @@ const MAX_CONTROL: usize = 64;
 const BACKLOG: Duration = Duration::from_millis(5);
 /// Lowest adaptive reorder timeout.
 const MIN_REORDER_WAIT: Duration = Duration::from_millis(5);
+/// Added to what a late packet needed when the reorder timeout learns from it.
+const LATE_MARGIN: Duration = Duration::from_millis(2);
 /// Bytes WireGuard, UDP and IP add to every datagram, for pacing on the wire.
 pub const TUNNEL_OVERHEAD: usize = 32 + 8 + 20;
 /// Links with data within this time count for the reorder timeout.
@@ -332,6 +334,8 @@ pub struct Bond {
     /// Added to the reorder timeout while packets keep arriving after their gap was skipped
     /// (the timeout was too short), decaying when they stop.
     reorder_extra: Duration,
+    /// The reorder timeout from measured delays alone, before `reorder_extra`.
+    reorder_base: Duration,
     late_seen: u64,
     /// Sequence space of latency-critical packets (delivered unordered).
     next_useq: u64,
@@ -364,6 +368,7 @@ impl Bond {
             peer_bond_id: None,
             cands: Vec::new(),
             reorder_extra: Duration::ZERO,
+            reorder_base: Duration::ZERO,
             late_seen: 0,
             next_useq: 0,
             unordered_seen: reorder::SeenWindow::new(4096),
@@ -720,9 +725,18 @@ impl Bond {
                 self.reorder.insert(trailer.seq, packet, now);
                 let late = self.reorder.stats().late;
                 if late > self.late_seen {
-                    // A packet came after its gap was given up: wait longer from now on.
+                    // A packet came after its gap was given up: wait longer from now on. At
+                    // least as long as it needed; more (growing by half per late packet, as
+                    // lateness often keeps growing, e.g. on a link that slowed down) up to
+                    // twice that. (Growing without that bound reached the 400 ms cap after
+                    // one burst of a dozen late packets, and every loss then stalled that long.)
                     self.late_seen = late;
-                    self.reorder_extra = (self.reorder_extra * 3 / 2 + Duration::from_millis(2))
+                    let need =
+                        (self.reorder.late_need() + LATE_MARGIN).saturating_sub(self.reorder_base);
+                    self.reorder_extra = (self.reorder_extra * 3 / 2 + LATE_MARGIN)
+                        .min(2 * need)
+                        .max(need)
+                        .max(self.reorder_extra)
                         .min(self.config.reorder_max_wait);
                     self.update_reorder_timeout(now);
                 }
@@ -1068,9 +1082,8 @@ impl Bond {
                 spread = spread.max(i64::from(o.wrapping_sub(b) as i32));
             }
         }
-        let mut t = Duration::from_micros(spread as u64 + 4 * jitter)
-            + MIN_REORDER_WAIT
-            + self.reorder_extra;
+        self.reorder_base = Duration::from_micros(spread as u64 + 4 * jitter) + MIN_REORDER_WAIT;
+        let mut t = self.reorder_base + self.reorder_extra;
         // While links lose packets, a gap is worth waiting a round trip for: the NACK's
         // answer on the fastest link.
         if self

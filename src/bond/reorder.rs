@@ -61,6 +61,10 @@ pub struct ReorderBuffer {
     max_bytes: usize,
     timeout: Duration,
     stats: ReorderStats,
+    /// When the last gap was given up after the timeout, and the timeout then.
+    last_skip: Option<(Instant, Duration)>,
+    /// How long the last late packet's gap would have had to wait for it.
+    late_need: Duration,
 }
 
 impl ReorderBuffer {
@@ -83,7 +87,15 @@ impl ReorderBuffer {
             max_bytes: max_bytes.max(2048),
             timeout,
             stats: ReorderStats::default(),
+            last_skip: None,
+            late_need: Duration::ZERO,
         }
+    }
+
+    /// How long the gap of the last packet that came late would have had to wait for it (the
+    /// timeout then plus its lateness; measured from the latest skip, so never more).
+    pub fn late_need(&self) -> Duration {
+        self.late_need
     }
 
     /// Window size in packets.
@@ -138,7 +150,7 @@ impl ReorderBuffer {
         let next = *self.next.get_or_insert(seq);
         let window = self.window();
         if seq < next {
-            self.insert_old(seq, packet, next);
+            self.insert_old(seq, packet, next, now);
             return;
         }
         if seq - next >= window {
@@ -181,7 +193,7 @@ impl ReorderBuffer {
         }
     }
 
-    fn insert_old(&mut self, seq: u64, packet: &[u8], next: u64) {
+    fn insert_old(&mut self, seq: u64, packet: &[u8], next: u64, now: Instant) {
         if next - seq > self.window() {
             self.stats.too_old += 1;
             return;
@@ -193,6 +205,9 @@ impl ReorderBuffer {
         }
         *seen = seq.wrapping_add(1);
         self.stats.late += 1;
+        if let Some((at, timeout)) = self.last_skip {
+            self.late_need = timeout + now.saturating_duration_since(at);
+        }
         let buf = self.copy(packet);
         self.push_ready(buf);
     }
@@ -309,6 +324,7 @@ impl ReorderBuffer {
                 break;
             };
             // Everything before the longest-waiting packet is given up on.
+            self.last_skip = Some((now, self.timeout));
             self.advance_to(seq, now);
             self.release_run(now);
         }
@@ -455,6 +471,8 @@ mod tests {
         assert_eq!(drain(&mut r), vec![1]);
         assert_eq!(r.stats().late, 1);
         assert_eq!(r.stats().duplicates, 2);
+        // It came 9 ms after its gap was given up at a 30 ms timeout: it needed 39 ms.
+        assert_eq!(r.late_need(), T + Duration::from_millis(9));
     }
 
     #[test]

@@ -17,13 +17,13 @@ set -u
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
 SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=() MODES=auto,stripe,duplicate,failover
-CC=$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo '?')
+CC="" IPERF_CC=()
 while (($#)); do
     case $1 in
     --time) DURATION=${2:-}; OPTIONS+=(--time "$DURATION"); shift ;;
     --wgbond) WITH_WGBOND=1; OPTIONS+=(--wgbond) ;;
     --modes) MODES=${2:-}; OPTIONS+=(--modes "$MODES"); shift ;;
-    --cc) CC=${2:-}; OPTIONS+=(--cc "$CC"); shift ;;
+    --cc) CC=${2:-}; OPTIONS+=(--cc "$CC"); IPERF_CC=(-C "$CC"); shift ;;
     --output) OUTPUT=${2:-}; shift ;;
     -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST] [--cc ALGORITHM] [--output FILE]" >&2; exit 2 ;;
     *) SCENARIOS+=("$1") ;;
@@ -46,8 +46,12 @@ SCENARIO=${SCENARIOS[0]}
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 2 && DURATION <= 120)) || { echo "--time: 2..120 seconds" >&2; exit 2; }
 [[ $MODES =~ ^(auto|stripe|duplicate|failover)(,(auto|stripe|duplicate|failover))*$ ]] ||
     { echo "--modes: comma-separated list of auto, stripe, duplicate, failover" >&2; exit 2; }
+# iperf3 -C sets it on both ends' sockets (as root, also one the namespace's sysctl would not
+# allow); without --cc every sender uses the host's default.
 cc_available() { grep -qw -- "$CC" /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null; }
-if ! [[ $CC =~ ^[a-z0-9_]+$ ]] || ! { cc_available || { modprobe -q "tcp_$CC" 2>/dev/null && cc_available; }; }; then
+if [[ -z $CC ]]; then
+    CC="$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo '?'), the host's default"
+elif ! [[ $CC =~ ^[a-z0-9_]+$ ]] || ! { cc_available || { modprobe -q "tcp_$CC" 2>/dev/null && cc_available; }; }; then
     echo "--cc: '$CC' is not available (see /proc/sys/net/ipv4/tcp_available_congestion_control)" >&2
     exit 2
 fi
@@ -62,10 +66,6 @@ ROWS=()
 
 lab_trap
 lab_up "$SCENARIO" --no-lan >/dev/null || exit 1
-# Every TCP sender (iperf3 both ways, MPTCP) lives in the hub or the site namespace.
-for ns in hub site1; do
-    lab_exec "$ns" sysctl -qw net.ipv4.tcp_congestion_control="$CC" || { echo "bench: cannot set $CC in $ns" >&2; exit 1; }
-done
 HUB=$LAB_HUB_IP
 for i in "${!LAB_LINK_NAME[@]}"; do
     t_warm site1 "$(lab_wan_ip 1 "$i")" "$HUB"
@@ -95,7 +95,7 @@ rtt_percentiles() {
 bench_iperf() {
     local src=$1 dst=$2 out="$LAB_STATE/iperf-last.txt" rate
     shift 2
-    lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$DURATION" "$@" >"$out" 2>&1
+    lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$DURATION" ${IPERF_CC[@]+"${IPERF_CC[@]}"} "$@" >"$out" 2>&1
     rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }' "$out")
     [[ -n $rate ]] || { echo "bench: iperf3 $* to $dst failed:"; tail -n 3 "$out"; } >&2
     echo "$rate"
@@ -196,7 +196,7 @@ done
 lab_bg hub mptcpize run iperf3 -s -p 5301 >/dev/null 2>&1
 sleep 0.5
 mptcp_iperf() {
-    lab_exec site1 timeout $((DURATION + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" "$@" 2>&1 |
+    lab_exec site1 timeout $((DURATION + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" ${IPERF_CC[@]+"${IPERF_CC[@]}"} "$@" 2>&1 |
         awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }'
 }
 lab_exec site1 ping -n -i 0.1 -w "$DURATION" "$HUB" >"$LAB_STATE/bench-ping.txt" 2>&1 &

@@ -19,7 +19,7 @@ pub mod hub;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -36,6 +36,12 @@ pub const MAX_BUF: usize = 65_536 + DATA_OVERHEAD;
 pub const MAX_INDEX: u32 = (1 << 24) - 1;
 /// How often [`LinkTunnel::update_timers`] must be called at least.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// First wait before a handshake initiation without answer is sent again; doubled after each
+/// try. WireGuard itself waits 5 s; a link whose first initiation found the far end not yet
+/// listening (both ends started together, a hub restarting) would be unused that long.
+pub const FIRST_HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+/// From this wait on, WireGuard's own 5 s retry timer is left alone.
+const FAST_RETRY_LIMIT: Duration = Duration::from_secs(4);
 /// Handshake messages per second a shared limiter lets through before asking for cookies.
 pub const HANDSHAKES_PER_SEC: u64 = 100;
 
@@ -207,6 +213,10 @@ pub struct LinkTunnel {
     index: u32,
     peer_public_key: [u8; 32],
     counters: TunnelCounters,
+    /// When our last handshake initiation left, while there is no session.
+    init_sent_at: Option<Instant>,
+    /// Wait before [`LinkTunnel::retry_stalled_handshake`] sends the next one.
+    init_retry: Duration,
 }
 
 impl std::fmt::Debug for LinkTunnel {
@@ -244,6 +254,8 @@ impl LinkTunnel {
             index,
             peer_public_key: keys.peer_public_key,
             counters: TunnelCounters::default(),
+            init_sent_at: None,
+            init_retry: FIRST_HANDSHAKE_RETRY,
         })
     }
 
@@ -295,6 +307,7 @@ impl LinkTunnel {
             TunnResult::WriteToNetwork(datagram) => {
                 if datagram.first() == Some(&msg_type::HANDSHAKE_INIT) {
                     self.counters.tx_queued += 1;
+                    self.init_sent_at = Some(Instant::now());
                 }
                 self.counters.tx_datagrams += 1;
                 Ok(Some(datagram))
@@ -321,10 +334,34 @@ impl LinkTunnel {
         match self.tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(d) => {
                 self.counters.tx_datagrams += 1;
+                self.init_sent_at = Some(Instant::now());
                 Some(d)
             }
             _ => None,
         }
+    }
+
+    /// A fresh handshake initiation when there is no session and the last one has had no
+    /// answer for [`FIRST_HANDSHAKE_RETRY`] (then 2 s, 4 s; after that WireGuard's own 5 s
+    /// timer in [`LinkTunnel::update_timers`] retries). Call every [`TIMER_TICK`].
+    pub fn retry_stalled_handshake<'a>(
+        &mut self,
+        now: Instant,
+        out: &'a mut [u8],
+    ) -> Option<&'a [u8]> {
+        if self.is_established() {
+            self.init_retry = FIRST_HANDSHAKE_RETRY;
+            self.init_sent_at = None;
+            return None;
+        }
+        let sent = self.init_sent_at?;
+        if self.init_retry > FAST_RETRY_LIMIT
+            || now.saturating_duration_since(sent) < self.init_retry
+        {
+            return None;
+        }
+        self.init_retry *= 2;
+        self.retry_handshake(out)
     }
 
     /// A fresh handshake initiation if no session exists, for a link whose path just came
@@ -336,6 +373,7 @@ impl LinkTunnel {
         match self.tunn.format_handshake_initiation(out, true) {
             TunnResult::WriteToNetwork(d) => {
                 self.counters.tx_datagrams += 1;
+                self.init_sent_at = Some(Instant::now());
                 Some(d)
             }
             _ => None,
@@ -415,6 +453,9 @@ impl LinkTunnel {
         // Errors here are only "expired", which `is_expired` reports.
         if let TunnResult::WriteToNetwork(datagram) = self.tunn.update_timers(out) {
             self.counters.tx_datagrams += 1;
+            if datagram.first() == Some(&msg_type::HANDSHAKE_INIT) {
+                self.init_sent_at = Some(Instant::now());
+            }
             send(datagram);
         }
     }
@@ -710,6 +751,31 @@ pub(crate) mod tests {
         // Keepalive and the queued plaintext.
         assert_eq!(deliver(&mut b, to_b).1, vec![data_plaintext(60, 1)]);
         assert!(a.retry_handshake(&mut out).is_none());
+    }
+
+    #[test]
+    fn a_lost_first_initiation_is_retried_after_one_then_two_then_four_seconds() {
+        let (mut a, mut b) = pair();
+        let mut out = vec![0u8; MAX_BUF];
+        // Every initiation here leaves at (nearly) t0 in real time; the waits count from it.
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let _lost = a.start_handshake(&mut out).unwrap().to_vec();
+        let mut last = Vec::new();
+        for wait in [1000, 2000, 4000] {
+            assert!(a.retry_stalled_handshake(at(wait - 10), &mut out).is_none());
+            let init = a.retry_stalled_handshake(at(wait + 10), &mut out);
+            last = init.expect("a retry").to_vec();
+            assert_eq!(last[0], msg_type::HANDSHAKE_INIT);
+        }
+        // Then WireGuard's own 5 s timer takes over.
+        assert!(a.retry_stalled_handshake(at(600_000), &mut out).is_none());
+        // The last retry completes the handshake; a later loss starts again at 1 s.
+        let (resp, _) = deliver(&mut b, vec![last]);
+        deliver(&mut a, resp);
+        assert!(a.is_established());
+        assert!(a.retry_stalled_handshake(at(700_000), &mut out).is_none());
+        assert_eq!(a.init_retry, FIRST_HANDSHAKE_RETRY);
     }
 
     #[test]

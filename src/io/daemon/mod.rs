@@ -631,6 +631,10 @@ impl Daemon {
                     l.tunnel.update_timers(&mut self.out_buf, &mut |d| {
                         send_udp(socket, d, endpoint, drops);
                     });
+                    if let Some(d) = l.tunnel.retry_stalled_handshake(now, &mut self.out_buf) {
+                        debug!(link = %l.name, "handshake unanswered, trying again");
+                        send_udp(socket, d, endpoint, drops);
+                    }
                 }
             }
             Ends::Hub {

@@ -11,7 +11,8 @@
 #      against plain TCP on the two links at their new rates, and against the new rate sum.
 #   6. UDP at 90% of the link-rate sum through `auto`: loss and out-of-order counts (iperf3).
 #
-# Usage: sudo netns-tests/bench-auto.sh [--time SECONDS] [--output FILE] [--logs DIR]
+# Usage: sudo netns-tests/bench-auto.sh [--time SECONDS] [--cc ALGORITHM] [--output FILE] [--logs DIR]
+#        (--cc: TCP congestion control of the iperf3 senders, e.g. cubic; default the host's)
 #        (--logs: keep iperf3 JSON, pings, emulator polls, daemon logs and `wgbond show` snapshots)
 #        (--time: each steady measurement, default 10 s; the whole run takes about 8x that + 1 min)
 #        Needs target/release/wgbond (or WGBOND=path), linkemu (see lab.sh), iperf3, jq.
@@ -19,18 +20,25 @@ set -u
 # shellcheck source=testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
-DURATION=10 OUTPUT="" LOGS=""
+DURATION=10 OUTPUT="" LOGS="" CC="" IPERF_CC=()
 while (($#)); do
     case $1 in
     --time) DURATION=${2:-}; shift ;;
     --output) OUTPUT=${2:-}; shift ;;
     --logs) LOGS=${2:-}; shift ;;
-    *) echo "usage: $0 [--time SECONDS] [--output FILE] [--logs DIR]" >&2; exit 2 ;;
+    --cc) CC=${2:-}; IPERF_CC=(-C "$CC"); shift ;;
+    *) echo "usage: $0 [--time SECONDS] [--cc ALGORITHM] [--output FILE] [--logs DIR]" >&2; exit 2 ;;
     esac
     shift
 done
 if ! [[ $DURATION =~ ^[0-9]+$ ]] || ((DURATION < 3 || DURATION > 60)); then
     echo "--time: 3..60 seconds" >&2
+    exit 2
+fi
+if [[ -z $CC ]]; then
+    CC="$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo '?'), the host's default"
+elif ! [[ $CC =~ ^[a-z0-9_]+$ ]] || ! grep -qw -- "$CC" /proc/sys/net/ipv4/tcp_available_congestion_control; then
+    echo "--cc: '$CC' is not available (see /proc/sys/net/ipv4/tcp_available_congestion_control)" >&2
     exit 2
 fi
 for tool in iperf3 jq ping; do
@@ -120,11 +128,13 @@ emu_reset() {
 
 # run_iperf NAME SRC DST SECONDS [iperf3 args...]: JSON result in $LAB_STATE/NAME.json.
 run_iperf() {
-    local name=$1 src=$2 dst=$3 secs=$4 out
+    local name=$1 src=$2 dst=$3 secs=$4 out cc=()
     shift 4
     out="$LAB_STATE/$name.json"
+    # The congestion control is TCP's (iperf3 -C sets it on both ends' sockets).
+    [[ " $* " == *" -u "* ]] || cc=(${IPERF_CC[@]+"${IPERF_CC[@]}"})
     t_fresh_iperf_server hub || { echo "bench-auto: iperf3 server did not start" >&2; exit 1; }
-    lab_exec site1 timeout $((secs + 20)) iperf3 --json -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$secs" "$@" >"$out" 2>&1
+    lab_exec site1 timeout $((secs + 20)) iperf3 --json -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$secs" ${cc[@]+"${cc[@]}"} "$@" >"$out" 2>&1
     if ! jq -e '.end.sum_received // .end.sum' "$out" >/dev/null 2>&1; then
         note "iperf3 $name failed: $(jq -r '.error // empty' "$out" 2>/dev/null || tail -c 200 "$out")"
     fi
@@ -416,7 +426,7 @@ fi
 {
     echo "### Auto mode acceptance (\`bench-auto.sh\`)"
     echo
-    echo "Scenario \`$SCENARIO\` ($(sed -e 's/#.*//' -e '/^ *$/d' "$LAB_SCENARIO" | awk '{printf "%s%s %s Mbit/s %s ms", sep, $1, $2, $3; sep="; "}')), single TCP stream (iperf3) unless noted, ${DURATION} s steady measurements;"
+    echo "Scenario \`$SCENARIO\` ($(sed -e 's/#.*//' -e '/^ *$/d' "$LAB_SCENARIO" | awk '{printf "%s%s %s Mbit/s %s ms", sep, $1, $2, $3; sep="; "}')), single TCP stream (iperf3, ${CC}) unless noted, ${DURATION} s steady measurements;"
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), commit $(git -C "$LAB_REPO" describe --always --dirty 2>/dev/null || echo '?') (binary built $WGBOND_BUILT), run took ${ELAPSED} s."
     echo
     echo "| # | measurement | result | against the reference | target |"

@@ -331,3 +331,34 @@ fn late_packets_stretch_the_reorder_timeout_only_as_far_as_they_needed() {
     assert!(late <= 20, "{late} late packets");
     assert!(peak <= 2 * r.max_reorder_wait, "timeout {peak:?}");
 }
+
+#[test]
+fn repairs_on_a_lossy_link_come_before_the_reorder_timeout() {
+    // 5 % loss on the fast link, a load that needs both links. Each loss is repaired (NACK);
+    // a repair that meets a second loss comes by the other link, half a round trip on each,
+    // and the reorder timeout must wait for it: every gap given up is a loss TCP sees
+    // (CUBIC halves its window), and a packet that comes after its gap is out of order.
+    let links = vec![
+        LinkSpec::new(60.0, 10).loss_pct(5.0),
+        LinkSpec::new(20.0, 35),
+    ];
+    let mut sim = Sim::new(Mode::Auto, &links, 3);
+    sim.run_until(0.5);
+    let b = sim.start_source(40.0, 1400);
+    sim.run_until(10.5);
+    let s = sim.hub.stats();
+    let r = sim.report_source(b, 1.0, 10.0);
+    let resent: u64 = sim
+        .site
+        .link_stats()
+        .iter()
+        .map(|(_, s)| s.retransmits)
+        .sum();
+    println!(
+        "5 % loss on fast, 40 Mbit/s: {resent} sent again after NACKs, {} gaps skipped, {} late, {} lost of {}",
+        s.reorder_skips, s.reorder_late, r.lost, r.created
+    );
+    assert!(resent > 500, "the scenario must lose packets: {resent}");
+    assert!(s.reorder_skips <= 8, "{} gaps skipped", s.reorder_skips);
+    assert_eq!(r.lost, 0);
+}

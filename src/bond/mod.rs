@@ -238,6 +238,9 @@ const MAX_SENT_KEPT: usize = 2048;
 /// After this receiver asked for a lost packet, for this long the reorder timeout leaves time
 /// for the answer (a round trip on the fastest link).
 const NACK_RECENT: Duration = Duration::from_secs(2);
+/// While NACKs flow, the reorder timeout waits for a repair by the second-fastest link if its
+/// RTT is at most this much longer than the fastest link's.
+const SECOND_CHANCE_MAX: Duration = Duration::from_millis(100);
 
 struct Queued {
     seq: u64,
@@ -616,15 +619,7 @@ impl Bond {
                 data: buf,
             });
             sent = true;
-            if flags == 0 {
-                let quiet = link
-                    .tx_ordered_at
-                    .is_none_or(|at| now.saturating_duration_since(at) >= ORDERED_NOTICE);
-                link.tx_ordered_at = Some(now);
-                if quiet {
-                    self.announce_ordered(i);
-                }
-            }
+            self.note_ordered(i, now);
         }
         if let Some(b) = data {
             self.give_buf(b);
@@ -646,6 +641,19 @@ impl Bond {
             }
             let copy = q.data.clone();
             let _ = self.enqueue(q.seq, &copy, Some(q.data), now);
+        }
+    }
+
+    /// Records that ordered data (the receiver's reorder buffer may wait for it) was queued on
+    /// link `i`; after a quiet spell, the peer is told.
+    fn note_ordered(&mut self, i: usize, now: Instant) {
+        let link = &mut self.links[i];
+        let quiet = link
+            .tx_ordered_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= ORDERED_NOTICE);
+        link.tx_ordered_at = Some(now);
+        if quiet {
+            self.announce_ordered(i);
         }
     }
 
@@ -711,7 +719,7 @@ impl Bond {
                     .rx
                     .on_data(trailer.link_seq, plaintext.len(), owd, now);
                 self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
-                if trailer.flags & (wire::FLAG_UNORDERED | wire::FLAG_DUPLICATE) == 0 {
+                if trailer.flags & wire::FLAG_UNORDERED == 0 {
                     self.links[i].rx.last_ordered = Some(now);
                 }
                 if trailer.flags & wire::FLAG_UNORDERED != 0 {
@@ -801,21 +809,33 @@ impl Bond {
             return;
         }
         self.links[j].stats.retransmits += found.len() as u64;
-        self.send_again(found, now);
+        self.send_again(found, now, true);
     }
 
     /// Queues packets sent before (lost, or on a link that died) on the usable link where they
     /// arrive first, behind latency-critical packets and ahead of bulk traffic, with their
-    /// original sequence numbers.
-    fn send_again(&mut self, packets: Vec<(u64, Vec<u8>)>, now: Instant) {
+    /// original sequence numbers. `repair`: packets a NACK asked for also go, as a copy, on
+    /// the link where they arrive second. A lost repair is a loss TCP sees (CUBIC halves its
+    /// window), and the link that lost the original may well lose the repair too; repairs are
+    /// as few as the losses, so the copy costs little.
+    fn send_again(&mut self, packets: Vec<(u64, Vec<u8>)>, now: Instant, repair: bool) {
         if packets.is_empty() {
             return;
         }
         self.fill_candidates(now, true);
-        let Some(&t) = scheduler::choose(Mode::Stripe, &self.cands, false)
-            .as_slice()
-            .first()
-        else {
+        let (mode, critical) = if repair {
+            (Mode::Auto, true)
+        } else {
+            (Mode::Stripe, false)
+        };
+        let targets = scheduler::choose(mode, &self.cands, critical);
+        let srtt = |i: usize| self.links[i].est.srtt().unwrap_or(Duration::MAX);
+        // Not on a link so slow (a satellite) that TCP would have sent it again by then.
+        let copy_to = match targets.as_slice() {
+            &[a, b, ..] if srtt(b) <= srtt(a).saturating_add(SECOND_CHANCE_MAX) => Some(b),
+            _ => None,
+        };
+        let Some(&t) = targets.as_slice().first() else {
             for (_, b) in packets {
                 self.give_buf(b);
             }
@@ -845,8 +865,28 @@ impl Bond {
         for (_, b) in packets.by_ref().take(skip) {
             self.give_buf(b);
         }
-        let link = &mut self.links[t];
+        self.note_ordered(t, now);
+        if let Some(c) = copy_to {
+            self.note_ordered(c, now);
+        }
         for (seq, data) in packets {
+            if let Some(c) = copy_to {
+                if self.links[c].resend.len() < MAX_URGENT {
+                    let mut copy = self.take_buf();
+                    copy.clear();
+                    copy.extend_from_slice(&data);
+                    let second = &mut self.links[c];
+                    second.stats.tx_duplicates += 1;
+                    second.resend_wire_bytes += copy.len() + TUNNEL_OVERHEAD;
+                    second.resend.push_back(Queued {
+                        seq,
+                        flags: wire::FLAG_DUPLICATE,
+                        data: copy,
+                    });
+                }
+            }
+            // The first copy stays without the duplicate flag: kept, it can be repaired again.
+            let link = &mut self.links[t];
             link.resend_wire_bytes += data.len() + TUNNEL_OVERHEAD;
             link.resend.push_back(Queued {
                 seq,
@@ -984,7 +1024,7 @@ impl Bond {
                     l.stats.retransmits += again.len() as u64;
                     let mut q = std::mem::take(&mut l.queue);
                     l.queued_bytes = 0;
-                    self.send_again(again, now);
+                    self.send_again(again, now, false);
                     self.reschedule(&mut q, now);
                 }
             }
@@ -1024,7 +1064,9 @@ impl Bond {
         if self.next_feedback.is_some_and(|t| now >= t) {
             self.next_feedback = None;
             self.send_feedback(now);
-            self.reorder_extra = self.reorder_extra * 63 / 64;
+            // Learned lateness fades over seconds (half-life about 3.5 s at one feedback per
+            // 20 ms): losses that need a second repair come seconds apart.
+            self.reorder_extra = self.reorder_extra * 255 / 256;
             self.update_reorder_timeout(now);
         }
         self.reorder.handle_timeout(now);
@@ -1090,14 +1132,31 @@ impl Bond {
             .last_nack
             .is_some_and(|at| now.saturating_duration_since(at) < NACK_RECENT)
         {
-            // As a retransmission timer would: smoothed RTT plus four deviations.
-            let fastest = self
-                .links
-                .iter()
-                .filter(|l| l.est.usable())
-                .filter_map(|l| Some(l.est.srtt()? + 4 * l.est.rttvar()))
-                .min();
-            if let Some(rto) = fastest {
+            // As a retransmission timer would: a round trip plus four deviations. NACKs and
+            // repairs also go by the second-fastest link, so a repair that meets one more
+            // loss (likely on a link losing 5 %) takes half a round trip on each, unless that
+            // link is so slow (a satellite) that TCP would have sent it again by then.
+            let (mut first, mut second): (Option<(Duration, Duration)>, Option<_>) = (None, None);
+            for l in self.links.iter().filter(|l| l.est.usable()) {
+                let Some(r) = l.est.srtt() else {
+                    continue;
+                };
+                let v = l.est.rttvar();
+                if first.is_none_or(|(f, _)| r < f) {
+                    second = first;
+                    first = Some((r, v));
+                } else if second.is_none_or(|(s, _)| r < s) {
+                    second = Some((r, v));
+                }
+            }
+            let rto = match (first, second) {
+                (Some((r1, v1)), Some((r2, v2))) if r2 <= r1 + SECOND_CHANCE_MAX => {
+                    Some((r1 + r2) / 2 + 4 * v1.max(v2))
+                }
+                (Some((r1, v1)), _) => Some(r1 + 4 * v1),
+                (None, _) => None,
+            };
+            if let Some(rto) = rto {
                 t = t.max(rto + MIN_REORDER_WAIT);
             }
         }

@@ -282,8 +282,8 @@ struct Link {
     hello_acked: bool,
     next_hello: Instant,
     app_limited: bool,
-    /// Last time an ordered single-copy packet was queued here: the peer is told when this
-    /// link starts carrying ordered data after a quiet spell.
+    /// Last time an ordered packet (one the peer's reorder buffer may wait for) was queued
+    /// here: the peer is told when this link starts carrying ordered data after a quiet spell.
     tx_ordered_at: Option<Instant>,
     stats: LinkStats,
 }

@@ -616,23 +616,13 @@ impl RxLinkMeter {
                 (s.wrapping_add((diff / 8) as i32 as u32), j)
             }
         });
-        match self.min_owd {
-            Some((m, at))
-                if (owd_us.wrapping_sub(m) as i32) >= 0
-                    && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
-            _ => self.min_owd = Some((owd_us, now)),
-        }
+        keep_recent_min(&mut self.min_owd, owd_us, now);
     }
 
     /// Records the one-way delay of a probe (same clocks as data). Kept apart from the data's
     /// minimum, which the sender compares with queued data's delay.
     pub fn on_probe(&mut self, owd_us: u32, now: Instant) {
-        match self.probe_min_owd {
-            Some((m, at))
-                if (owd_us.wrapping_sub(m) as i32) >= 0
-                    && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
-            _ => self.probe_min_owd = Some((owd_us, now)),
-        }
+        keep_recent_min(&mut self.probe_min_owd, owd_us, now);
     }
 
     /// The link's base one-way delay for comparing links (wrapping, relative, microseconds):
@@ -668,6 +658,17 @@ impl RxLinkMeter {
             jitter_us: jitter.min(u64::from(u32::MAX)) as u32,
             min_owd_us: self.min_owd.map_or(0, |(m, _)| m as i32),
         }
+    }
+}
+
+/// Keeps in `slot` the lowest one-way delay (wrapping) seen in the last 10 s: a sample lower
+/// than it, or any sample once it is 10 s old, replaces it.
+fn keep_recent_min(slot: &mut Option<(u32, Instant)>, owd_us: u32, now: Instant) {
+    match *slot {
+        Some((m, at))
+            if (owd_us.wrapping_sub(m) as i32) >= 0
+                && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
+        _ => *slot = Some((owd_us, now)),
     }
 }
 

@@ -587,10 +587,14 @@ pub struct RxLinkMeter {
     pub dirty: bool,
     /// Last time data arrived on this link.
     pub last_data: Option<Instant>,
-    /// Last time data that the reorder buffer may wait for (ordered, the only copy) arrived
-    /// on this link. Copies of latency-critical packets do not count: they are delivered at
-    /// once, and a long link carrying them must not stretch the reorder timeout.
+    /// Last time ordered single-copy data (or the sender's notice that such data comes)
+    /// arrived on this link. Copies of latency-critical packets do not count: they are
+    /// delivered at once, and a long link carrying them must not stretch the reorder timeout.
     pub last_ordered: Option<Instant>,
+    /// Last time a copy of ordered data (`duplicate` mode, a repair, a lossy link's bulk)
+    /// arrived: it counts for the reorder timeout only on a link not far slower than the
+    /// fastest, as a satellite's copies would hold every gap 300 ms.
+    pub last_copy: Option<Instant>,
 }
 
 impl RxLinkMeter {
@@ -626,9 +630,15 @@ impl RxLinkMeter {
     }
 
     /// The link's base one-way delay for comparing links (wrapping, relative, microseconds):
-    /// from data, or from probes before any data came.
-    pub fn base_owd(&self) -> Option<u32> {
-        self.min_owd.or(self.probe_min_owd).map(|(m, _)| m)
+    /// from data seen in the last 10 s, else from probes (before any data came, or when the
+    /// data's minimum is too old to trust).
+    pub fn base_owd(&self, now: Instant) -> Option<u32> {
+        let fresh = |m: &(u32, Instant)| now.saturating_duration_since(m.1) < OWD_MIN_WINDOW;
+        self.min_owd
+            .filter(fresh)
+            .or(self.probe_min_owd)
+            .or(self.min_owd)
+            .map(|(m, _)| m)
     }
 
     /// Smoothed one-way delay (wrapping, relative) and jitter, microseconds.
@@ -667,10 +677,13 @@ fn keep_recent_min(slot: &mut Option<(u32, Instant)>, owd_us: u32, now: Instant)
     match *slot {
         Some((m, at))
             if (owd_us.wrapping_sub(m) as i32) >= 0
-                && now.saturating_duration_since(at) < Duration::from_secs(10) => {}
+                && now.saturating_duration_since(at) < OWD_MIN_WINDOW => {}
         _ => *slot = Some((owd_us, now)),
     }
 }
+
+/// How long a minimum one-way delay is kept (a path whose delay grew is believed after this).
+const OWD_MIN_WINDOW: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -241,6 +241,9 @@ const NACK_RECENT: Duration = Duration::from_secs(2);
 /// While NACKs flow, the reorder timeout waits for a repair by the second-fastest link if its
 /// RTT is at most this much longer than the fastest link's.
 const SECOND_CHANCE_MAX: Duration = Duration::from_millis(100);
+/// A link carrying only copies of ordered data counts for the reorder timeout if its base
+/// one-way delay is at most this much above the fastest link's.
+const COPY_SPREAD_MAX: Duration = Duration::from_millis(50);
 
 struct Queued {
     seq: u64,
@@ -619,7 +622,12 @@ impl Bond {
                 data: buf,
             });
             sent = true;
-            self.note_ordered(i, now);
+            // In `auto` a copy goes only on a link close in delay to the first (see the
+            // scheduler), one the receiver should wait for; `duplicate` copies everything, a
+            // satellite's copies too, and those must not stretch the receiver's timeout.
+            if flags == 0 || self.config.mode == Mode::Auto {
+                self.note_ordered(i, now);
+            }
         }
         if let Some(b) = data {
             self.give_buf(b);
@@ -720,7 +728,11 @@ impl Bond {
                     .on_data(trailer.link_seq, plaintext.len(), owd, now);
                 self.next_feedback.get_or_insert(now + FEEDBACK_INTERVAL);
                 if trailer.flags & wire::FLAG_UNORDERED == 0 {
-                    self.links[i].rx.last_ordered = Some(now);
+                    if trailer.flags & wire::FLAG_DUPLICATE == 0 {
+                        self.links[i].rx.last_ordered = Some(now);
+                    } else {
+                        self.links[i].rx.last_copy = Some(now);
+                    }
                 }
                 if trailer.flags & wire::FLAG_UNORDERED != 0 {
                     if self.unordered_seen.first_time(trailer.seq) {
@@ -732,7 +744,9 @@ impl Bond {
                 }
                 self.reorder.insert(trailer.seq, packet, now);
                 let late = self.reorder.stats().late;
-                if late > self.late_seen {
+                if late > self.late_seen && trailer.flags & wire::FLAG_RESENT != 0 {
+                    self.late_seen = late;
+                } else if late > self.late_seen {
                     // A packet came after its gap was given up: wait longer from now on. At
                     // least as long as it needed; more (growing by half per late packet, as
                     // lateness often keeps growing, e.g. on a link that slowed down) up to
@@ -823,18 +837,31 @@ impl Bond {
             return;
         }
         self.fill_candidates(now, true);
-        let (mode, critical) = if repair {
+        // Copies in `auto` only: `failover` keeps a standby link idle, `stripe` is plain
+        // striping, `duplicate` copies everything already.
+        let (mode, critical) = if repair && self.config.mode == Mode::Auto {
             (Mode::Auto, true)
         } else {
             (Mode::Stripe, false)
         };
         let targets = scheduler::choose(mode, &self.cands, critical);
-        let srtt = |i: usize| self.links[i].est.srtt().unwrap_or(Duration::MAX);
+        let srtt = |i: usize| self.links[i].est.srtt();
         // Not on a link so slow (a satellite) that TCP would have sent it again by then.
         let copy_to = match targets.as_slice() {
-            &[a, b, ..] if srtt(b) <= srtt(a).saturating_add(SECOND_CHANCE_MAX) => Some(b),
+            &[a, b, ..] => match (srtt(a), srtt(b)) {
+                (Some(ra), Some(rb)) if rb <= ra + SECOND_CHANCE_MAX => Some(b),
+                _ => None,
+            },
             _ => None,
         };
+        // The copies wait ahead of the second link's bulk traffic: at most what it sends in
+        // `max_queue_delay` (at least 16 kB) of them.
+        let copy_budget = copy_to.map_or(0, |c| {
+            (((self.links[c].est.est_rate_bps() / 8) as u128
+                * self.config.max_queue_delay.as_micros()
+                / 1_000_000) as usize)
+                .max(16_000)
+        });
         let Some(&t) = targets.as_slice().first() else {
             for (_, b) in packets {
                 self.give_buf(b);
@@ -871,7 +898,9 @@ impl Bond {
         }
         for (seq, data) in packets {
             if let Some(c) = copy_to {
-                if self.links[c].resend.len() < MAX_URGENT {
+                if self.links[c].resend.len() < MAX_URGENT
+                    && self.links[c].resend_wire_bytes + data.len() + TUNNEL_OVERHEAD <= copy_budget
+                {
                     let mut copy = self.take_buf();
                     copy.clear();
                     copy.extend_from_slice(&data);
@@ -890,7 +919,7 @@ impl Bond {
             link.resend_wire_bytes += data.len() + TUNNEL_OVERHEAD;
             link.resend.push_back(Queued {
                 seq,
-                flags: 0,
+                flags: if repair { 0 } else { wire::FLAG_RESENT },
                 data,
             });
         }
@@ -989,7 +1018,7 @@ impl Bond {
             self.reorder.reset();
             self.unordered_seen.reset();
             self.reorder_extra = Duration::ZERO;
-            self.late_seen = 0;
+            self.late_seen = self.reorder.stats().late;
             for l in &mut self.links {
                 l.rx.reset();
                 l.est = LinkEstimator::new(now, l.config.max_rate_bps);
@@ -1100,19 +1129,23 @@ impl Bond {
     /// Sets the reorder timeout from the spread of one-way delays and the jitter of the links
     /// that carried data recently.
     fn update_reorder_timeout(&mut self, now: Instant) {
-        let recent = self.links.iter().filter(|l| {
-            l.rx.last_ordered
-                .is_some_and(|t| now.saturating_duration_since(t) < RECENT_DATA)
-        });
+        let recent =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < RECENT_DATA);
         let mut base: Option<u32> = None;
         let mut spread: i64 = 0;
         let mut jitter: u64 = 0;
         // Base delays (recent minimum) set the spread: queueing is the sender's to predict.
-        let owds: Vec<(u32, u64)> = recent
-            .filter_map(|l| Some((l.rx.base_owd()?, l.rx.owd().map_or(0, |o| o.1))))
+        // (base delay, jitter, carried only copies)
+        let owds: Vec<(u32, u64, bool)> = self
+            .links
+            .iter()
+            .filter(|l| recent(l.rx.last_ordered) || recent(l.rx.last_copy))
+            .filter_map(|l| {
+                let o = l.rx.base_owd(now)?;
+                Some((o, l.rx.owd().map_or(0, |o| o.1), !recent(l.rx.last_ordered)))
+            })
             .collect();
-        for &(o, j) in &owds {
-            jitter = jitter.max(j);
+        for &(o, _, _) in &owds {
             match base {
                 None => base = Some(o),
                 Some(b) if (o.wrapping_sub(b) as i32) < 0 => base = Some(o),
@@ -1120,8 +1153,13 @@ impl Bond {
             }
         }
         if let Some(b) = base {
-            for &(o, _) in &owds {
-                spread = spread.max(i64::from(o.wrapping_sub(b) as i32));
+            for &(o, j, copies_only) in &owds {
+                let d = i64::from(o.wrapping_sub(b) as i32);
+                if copies_only && d > COPY_SPREAD_MAX.as_micros() as i64 {
+                    continue;
+                }
+                jitter = jitter.max(j);
+                spread = spread.max(d);
             }
         }
         self.reorder_base = Duration::from_micros(spread as u64 + 4 * jitter) + MIN_REORDER_WAIT;

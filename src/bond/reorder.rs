@@ -139,6 +139,8 @@ impl ReorderBuffer {
         self.buffered_packets = 0;
         self.buffered_bytes = 0;
         self.next = None;
+        self.last_skip = None;
+        self.late_need = Duration::ZERO;
     }
 
     /// Takes one received packet.
@@ -154,7 +156,9 @@ impl ReorderBuffer {
             return;
         }
         if seq - next >= window {
-            // Far ahead: give up on everything that no longer fits in the window.
+            // Far ahead: give up on everything that no longer fits in the window. (Not a
+            // timeout: a packet late for this skip teaches nothing about the timeout.)
+            self.last_skip = None;
             self.advance_to(seq - window + 1, now);
         }
         let seen = &mut self.seen[(seq & self.seen_mask) as usize];
@@ -188,6 +192,7 @@ impl ReorderBuffer {
             let Some(first) = self.first_buffered() else {
                 break;
             };
+            self.last_skip = None;
             self.advance_to(first, now);
             self.release_run(now);
         }
@@ -205,9 +210,9 @@ impl ReorderBuffer {
         }
         *seen = seq.wrapping_add(1);
         self.stats.late += 1;
-        if let Some((at, timeout)) = self.last_skip {
-            self.late_need = timeout + now.saturating_duration_since(at);
-        }
+        self.late_need = self.last_skip.map_or(Duration::ZERO, |(at, timeout)| {
+            timeout + now.saturating_duration_since(at)
+        });
         let buf = self.copy(packet);
         self.push_ready(buf);
     }
@@ -324,7 +329,7 @@ impl ReorderBuffer {
                 break;
             };
             // Everything before the longest-waiting packet is given up on.
-            self.last_skip = Some((now, self.timeout));
+            self.last_skip = Some((deadline, self.timeout));
             self.advance_to(seq, now);
             self.release_run(now);
         }

@@ -38,6 +38,9 @@ impl Candidate {
 pub const LOSSY: f64 = 0.03;
 /// A link whose queue is this short has room for copies.
 pub const SPARE: Duration = Duration::from_millis(2);
+/// A lossy link's bulk packets are copied only onto a link at most this much longer in
+/// one-way delay: a satellite's copy would come too late to fill a gap.
+pub const LOSSY_COPY_MAX_DELAY: Duration = Duration::from_millis(50);
 
 /// The scheduling decision: up to [`MAX_TARGETS`] link indexes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,7 +125,11 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
             if let Some(second) = earliest(cands.iter().filter(eligible), Some(first.index)) {
                 // A copy for what matters, and for what crosses a lossy link when another
                 // link has room: duplication must not eat the capacity bulk traffic needs.
-                if critical || (first.loss > LOSSY && second.queue_delay <= SPARE) {
+                if critical
+                    || (first.loss > LOSSY
+                        && second.queue_delay <= SPARE
+                        && second.owd.saturating_sub(first.owd) <= LOSSY_COPY_MAX_DELAY)
+                {
                     t.push(second.index);
                 }
             }

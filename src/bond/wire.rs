@@ -36,6 +36,9 @@ pub const FLAG_DUPLICATE: u8 = 0x01;
 /// Trailer flag: deliver at once, without waiting for earlier packets. `seq` then counts in a
 /// separate sequence space (latency-critical packets that overtake bulk traffic).
 pub const FLAG_UNORDERED: u8 = 0x02;
+/// Trailer flag: sent again because the link that carried it died. Such a packet is expected
+/// to come after its gap was given up; its lateness says nothing about the reorder timeout.
+pub const FLAG_RESENT: u8 = 0x04;
 
 /// Bonding metadata appended to a data packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

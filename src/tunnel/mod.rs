@@ -36,9 +36,10 @@ pub const MAX_BUF: usize = 65_536 + DATA_OVERHEAD;
 pub const MAX_INDEX: u32 = (1 << 24) - 1;
 /// How often [`LinkTunnel::update_timers`] must be called at least.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
-/// First wait before a handshake initiation without answer is sent again; doubled after each
-/// try. WireGuard itself waits 5 s; a link whose first initiation found the far end not yet
-/// listening (both ends started together, a hub restarting) would be unused that long.
+/// First wait before a handshake initiation without answer is sent again, on a link that has
+/// no session; doubled after each try. WireGuard itself waits 5 s; a link whose first
+/// initiation found the far end not yet listening (both ends started together, the hub
+/// rebooting while the site starts) would be unused that long.
 pub const FIRST_HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 /// From this wait on, WireGuard's own 5 s retry timer is left alone.
 const FAST_RETRY_LIMIT: Duration = Duration::from_secs(4);
@@ -361,7 +362,12 @@ impl LinkTunnel {
             return None;
         }
         self.init_retry *= 2;
-        self.retry_handshake(out)
+        let init = self.retry_handshake(out);
+        if init.is_some() {
+            // The next wait counts from this retry, on the caller's clock.
+            self.init_sent_at = Some(now);
+        }
+        init
     }
 
     /// A fresh handshake initiation if no session exists, for a link whose path just came
@@ -757,14 +763,15 @@ pub(crate) mod tests {
     fn a_lost_first_initiation_is_retried_after_one_then_two_then_four_seconds() {
         let (mut a, mut b) = pair();
         let mut out = vec![0u8; MAX_BUF];
-        // Every initiation here leaves at (nearly) t0 in real time; the waits count from it.
+        // The first initiation leaves at about t0 (real time); each retry counts from the
+        // time it was made: 1 s, then 2 s, then 4 s later.
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let _lost = a.start_handshake(&mut out).unwrap().to_vec();
         let mut last = Vec::new();
-        for wait in [1000, 2000, 4000] {
-            assert!(a.retry_stalled_handshake(at(wait - 10), &mut out).is_none());
-            let init = a.retry_stalled_handshake(at(wait + 10), &mut out);
+        for (not_yet, due) in [(900, 1100), (3000, 3200), (7100, 7300)] {
+            assert!(a.retry_stalled_handshake(at(not_yet), &mut out).is_none());
+            let init = a.retry_stalled_handshake(at(due), &mut out);
             last = init.expect("a retry").to_vec();
             assert_eq!(last[0], msg_type::HANDSHAKE_INIT);
         }

@@ -238,12 +238,10 @@ const MAX_SENT_KEPT: usize = 2048;
 /// After this receiver asked for a lost packet, for this long the reorder timeout leaves time
 /// for the answer (a round trip on the fastest link).
 const NACK_RECENT: Duration = Duration::from_secs(2);
-/// While NACKs flow, the reorder timeout waits for a repair by the second-fastest link if its
-/// RTT is at most this much longer than the fastest link's.
-const SECOND_CHANCE_MAX: Duration = Duration::from_millis(100);
-/// A link carrying only copies of ordered data counts for the reorder timeout if its base
-/// one-way delay is at most this much above the fastest link's.
-const COPY_SPREAD_MAX: Duration = Duration::from_millis(50);
+/// Repairs go as a copy on, and the reorder timeout waits for, the second-fastest link if its
+/// RTT is at most this much longer than the fastest link's: the one-way bound for copies
+/// ([`scheduler::COPY_MAX_EXTRA_DELAY`]), both ways.
+const SECOND_CHANCE_MAX: Duration = scheduler::COPY_MAX_EXTRA_DELAY.saturating_mul(2);
 
 struct Queued {
     seq: u64,
@@ -1155,7 +1153,7 @@ impl Bond {
         if let Some(b) = base {
             for &(o, j, copies_only) in &owds {
                 let d = i64::from(o.wrapping_sub(b) as i32);
-                if copies_only && d > COPY_SPREAD_MAX.as_micros() as i64 {
+                if copies_only && d > scheduler::COPY_MAX_EXTRA_DELAY.as_micros() as i64 {
                     continue;
                 }
                 jitter = jitter.max(j);

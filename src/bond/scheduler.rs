@@ -38,9 +38,10 @@ impl Candidate {
 pub const LOSSY: f64 = 0.03;
 /// A link whose queue is this short has room for copies.
 pub const SPARE: Duration = Duration::from_millis(2);
-/// A lossy link's bulk packets are copied only onto a link at most this much longer in
-/// one-way delay: a satellite's copy would come too late to fill a gap.
-pub const LOSSY_COPY_MAX_DELAY: Duration = Duration::from_millis(50);
+/// A copy of ordered data is worth sending, and waiting for, only on a link at most this much
+/// longer in one-way delay than the fastest: a satellite's copy would come too late to fill a
+/// gap (TCP would have sent the packet again), and waiting for it would hold every gap.
+pub const COPY_MAX_EXTRA_DELAY: Duration = Duration::from_millis(50);
 
 /// The scheduling decision: up to [`MAX_TARGETS`] link indexes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,7 +129,7 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
                 if critical
                     || (first.loss > LOSSY
                         && second.queue_delay <= SPARE
-                        && second.owd.saturating_sub(first.owd) <= LOSSY_COPY_MAX_DELAY)
+                        && second.owd.saturating_sub(first.owd) <= COPY_MAX_EXTRA_DELAY)
                 {
                     t.push(second.index);
                 }

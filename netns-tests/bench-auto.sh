@@ -201,40 +201,11 @@ ping_summary() {
 cp "$WGBOND" "$LAB_STATE/wgbond-bin" || exit 1
 WGBOND_BUILT=$(date -u -r "$WGBOND" '+%Y-%m-%d %H:%M UTC')
 WGBOND=$LAB_STATE/wgbond-bin
-hub_key=$("$WGBOND" genkey) site_key=$("$WGBOND" genkey)
-hub_pub=$("$WGBOND" pubkey <<<"$hub_key") site_pub=$("$WGBOND" pubkey <<<"$site_key")
+t_bench_keys "$WGBOND" || exit 1
 WGB_PIDS=()
 wgb_start() {
     local mode=$1 tries
-    cat >"$LAB_STATE/bhub.toml" <<EOF
-[interface]
-private_key = "$hub_key"
-address = ["$TUN_HUB/24"]
-listen_port = 51821
-table = "off"
-[bond]
-mode = "$mode"
-[[peer]]
-public_key = "$site_pub"
-allowed_ips = ["$TUN_SITE/32"]
-EOF
-    {
-        cat <<EOF
-[interface]
-private_key = "$site_key"
-address = ["$TUN_SITE/24"]
-table = "off"
-[bond]
-mode = "$mode"
-[[peer]]
-public_key = "$hub_pub"
-allowed_ips = ["$TUN_HUB/32"]
-endpoint = "$HUB:51821"
-EOF
-        for i in "${!LAB_LINK_NAME[@]}"; do
-            printf '[[link]]\nname = "%s"\nbind_interface = "wan%d"\n' "${LAB_LINK_NAME[$i]}" "$i"
-        done
-    } >"$LAB_STATE/bsite.toml"
+    t_bench_configs "$mode" "$TUN_HUB" "$TUN_SITE"
     lab_bg hub "$WGBOND" up "$LAB_STATE/bhub.toml" --foreground >"$LAB_STATE/wgbond-hub-$mode.log" 2>&1
     WGB_PIDS=("$LAB_LAST_PID")
     lab_bg site1 "$WGBOND" up "$LAB_STATE/bsite.toml" --foreground >"$LAB_STATE/wgbond-site-$mode.log" 2>&1

@@ -217,38 +217,9 @@ if ((WITH_WGBOND)); then
     else
         # Control sockets in the lab's state directory: no clash with a real /run/wgbond.
         export WGBOND_RUN_DIR="$LAB_STATE/wgbond"
-        hub_key=$("$WGBOND" genkey) site_key=$("$WGBOND" genkey)
-        hub_pub=$("$WGBOND" pubkey <<<"$hub_key") site_pub=$("$WGBOND" pubkey <<<"$site_key")
+        t_bench_keys "$WGBOND" || exit 1
         for mode in ${MODES//,/ }; do
-            cat >"$LAB_STATE/bhub.toml" <<EOF
-[interface]
-private_key = "$hub_key"
-address = ["10.98.0.1/24"]
-listen_port = 51821
-table = "off"
-[bond]
-mode = "$mode"
-[[peer]]
-public_key = "$site_pub"
-allowed_ips = ["10.98.0.2/32"]
-EOF
-            {
-                cat <<EOF
-[interface]
-private_key = "$site_key"
-address = ["10.98.0.2/24"]
-table = "off"
-[bond]
-mode = "$mode"
-[[peer]]
-public_key = "$hub_pub"
-allowed_ips = ["10.98.0.1/32"]
-endpoint = "$HUB:51821"
-EOF
-                for i in "${!LAB_LINK_NAME[@]}"; do
-                    printf '[[link]]\nname = "%s"\nbind_interface = "wan%d"\n' "${LAB_LINK_NAME[$i]}" "$i"
-                done
-            } >"$LAB_STATE/bsite.toml"
+            t_bench_configs "$mode" 10.98.0.1 10.98.0.2
             lab_bg hub "$WGBOND" up "$LAB_STATE/bhub.toml" --foreground >"$LAB_STATE/wgbond-hub.log" 2>&1
             hub_pid=$LAB_LAST_PID
             lab_bg site1 "$WGBOND" up "$LAB_STATE/bsite.toml" --foreground >"$LAB_STATE/wgbond-site.log" 2>&1

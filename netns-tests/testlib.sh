@@ -70,6 +70,48 @@ t_fresh_iperf_server() {
     IPERF_PID=$LAB_LAST_PID
 }
 
+# t_bench_keys WGBOND: fresh hub and site keys in T_HUB_KEY, T_HUB_PUB, T_SITE_KEY, T_SITE_PUB.
+t_bench_keys() {
+    T_HUB_KEY=$("$1" genkey) && T_SITE_KEY=$("$1" genkey) &&
+        T_HUB_PUB=$("$1" pubkey <<<"$T_HUB_KEY") && T_SITE_PUB=$("$1" pubkey <<<"$T_SITE_KEY")
+}
+
+# t_bench_configs MODE HUB_TUN SITE_TUN: the benchmarks' wgbond configs, $LAB_STATE/bhub.toml
+# and bsite.toml: tunnel addresses HUB_TUN and SITE_TUN (/24), the hub on port 51821 of the
+# lab's hub address, no routes (table off), one [[link]] per lab WAN; keys from t_bench_keys.
+t_bench_configs() {
+    local mode=$1 hub_tun=$2 site_tun=$3 i
+    cat >"$LAB_STATE/bhub.toml" <<EOF
+[interface]
+private_key = "$T_HUB_KEY"
+address = ["$hub_tun/24"]
+listen_port = 51821
+table = "off"
+[bond]
+mode = "$mode"
+[[peer]]
+public_key = "$T_SITE_PUB"
+allowed_ips = ["$site_tun/32"]
+EOF
+    {
+        cat <<EOF
+[interface]
+private_key = "$T_SITE_KEY"
+address = ["$site_tun/24"]
+table = "off"
+[bond]
+mode = "$mode"
+[[peer]]
+public_key = "$T_HUB_PUB"
+allowed_ips = ["$hub_tun/32"]
+endpoint = "$LAB_HUB_IP:51821"
+EOF
+        for i in "${!LAB_LINK_NAME[@]}"; do
+            printf '[[link]]\nname = "%s"\nbind_interface = "wan%d"\n' "${LAB_LINK_NAME[$i]}" "$i"
+        done
+    } >"$LAB_STATE/bsite.toml"
+}
+
 # t_iperf ROLE SRC DST SECONDS [iperf3 options...] -> receiver rate in Mbit/s.
 t_iperf() {
     local role=$1 src=$2 dst=$3 secs=$4

@@ -238,6 +238,8 @@ const MAX_SENT_KEPT: usize = 2048;
 /// After this receiver asked for a lost packet, for this long the reorder timeout leaves time
 /// for the answer (a round trip on the fastest link).
 const NACK_RECENT: Duration = Duration::from_secs(2);
+/// Loss rate of a link above which NACKs go on it twice.
+const NACK_TWICE_LOSS: f64 = 0.01;
 /// Repairs go as a copy on, and the reorder timeout waits for, the second-fastest link if its
 /// RTT is at most this much longer than the fastest link's: the one-way bound for copies
 /// ([`scheduler::COPY_MAX_EXTRA_DELAY`]), both ways.
@@ -783,12 +785,17 @@ impl Bond {
             first_link_seq: rx.highest_link_seq.wrapping_add(1),
             count: (gap - 1) as u16,
         });
-        self.push_control(i, &nack);
         let other = (0..self.links.len())
             .filter(|&j| j != i && self.links[j].est.usable())
             .min_by_key(|&j| self.links[j].est.srtt().unwrap_or(Duration::MAX));
-        if let Some(j) = other {
+        // A NACK lost on a lossy link leaves only the copy on the other (often slower) link,
+        // and a repair that then meets one more loss comes after the reorder timeout: on a
+        // link that loses packets, the NACK goes twice (a NACK is 12 bytes, once per loss).
+        for j in std::iter::once(i).chain(other) {
             self.push_control(j, &nack);
+            if self.links[j].est.loss() > NACK_TWICE_LOSS {
+                self.push_control(j, &nack);
+            }
         }
         let first_in_a_while = self
             .last_nack

@@ -16,6 +16,9 @@ use rand::{Rng, SeedableRng};
 
 use super::{wire, Bond, BondConfig, Event, LinkConfig, LinkId, Mode};
 
+pub mod tcp;
+use tcp::{TcpReceiver, TcpSender};
+
 /// One direction of a simulated link.
 #[derive(Clone, Debug)]
 pub struct LinkSpec {
@@ -245,8 +248,29 @@ pub struct Sim {
     pub deliveries: Vec<Delivery>,
     /// Every event of either bond, with its time.
     pub events: Vec<(Instant, Side, Event)>,
+    tcp: Vec<TcpFlow>,
     buf: Vec<u8>,
 }
+
+/// A TCP download modelled end to end: the sender at the site, the receiver at the hub,
+/// its ACKs back through the hub's bond.
+struct TcpFlow {
+    sender: TcpSender,
+    receiver: TcpReceiver,
+    len: usize,
+    /// The source index its packets are recorded under.
+    source: usize,
+}
+
+/// Byte after the packet id that marks a TCP model packet, and what follows it.
+const TCP_MARK_AT: usize = ID_AT + 8;
+const TCP_DATA: u8 = b'T';
+const TCP_ACK: u8 = b'A';
+/// Length of an ACK of the TCP model without SACK holes: small, so latency-critical like a
+/// real pure ACK.
+const TCP_ACK_LEN: usize = 60;
+/// Holes an ACK lists at most (8 bytes each after the ACK number).
+const TCP_SACK_MAX: usize = 16;
 
 /// Length of the fake IPv4/UDP header in front of the packet id.
 const ID_AT: usize = 28;
@@ -298,7 +322,63 @@ impl Sim {
             first_arrival: HashMap::new(),
             deliveries: Vec::new(),
             events: Vec::new(),
+            tcp: Vec::new(),
             buf: Vec::new(),
+        }
+    }
+
+    /// Opens a TCP connection (the [`tcp`] model: CUBIC with HyStart) from the site to the hub
+    /// that sends `len`-byte segments for as long as the simulation runs; returns the flow's
+    /// index. Its segments are also recorded as the packets of a source (see
+    /// [`Sim::tcp_source`]), its ACKs travel back through the hub's bond.
+    pub fn start_tcp(&mut self, len: usize) -> usize {
+        let source = self.add_source(0, len.max(TCP_ACK_LEN + 1), Traffic::Bulk);
+        self.sources[source].next_emit = None;
+        self.tcp.push(TcpFlow {
+            sender: TcpSender::new(),
+            receiver: TcpReceiver::default(),
+            len: len.max(TCP_ACK_LEN + 1),
+            source,
+        });
+        self.tcp.len() - 1
+    }
+
+    /// The sender of TCP flow `flow`.
+    pub fn tcp_sender(&self, flow: usize) -> &TcpSender {
+        &self.tcp[flow].sender
+    }
+
+    /// The source index under which TCP flow `flow`'s segments are recorded.
+    pub fn tcp_source(&self, flow: usize) -> usize {
+        self.tcp[flow].source
+    }
+
+    /// What TCP flow `flow` delivered in order at the hub in `[from_s, to_s)`, as the links
+    /// carry it (segment, bond trailer and WireGuard/UDP/IP overhead), bits per second: to
+    /// compare with the sum of the links' rates.
+    pub fn tcp_link_rate_bps(&self, flow: usize, from_s: f64, to_s: f64) -> u64 {
+        let f = &self.tcp[flow];
+        let at = |s: f64| f.receiver.in_order_at(self.t0 + Duration::from_secs_f64(s));
+        let segments = at(to_s) - at(from_s);
+        let wire = (f.len + wire::TRAILER_LEN + super::TUNNEL_OVERHEAD) as u64;
+        (segments as f64 * wire as f64 * 8.0 / (to_s - from_s)) as u64
+    }
+
+    /// Sends what the TCP flows' windows let out now.
+    fn pump_tcp(&mut self) {
+        let now = self.now;
+        for f in 0..self.tcp.len() {
+            if self.tcp[f].sender.timeout().is_some_and(|t| t <= now) {
+                self.tcp[f].sender.on_timeout(now);
+            }
+            while let Some(seq) = self.tcp[f].sender.poll_send(now) {
+                let (len, source) = (self.tcp[f].len, self.tcp[f].source);
+                let id = self.next_id;
+                self.next_id += 1;
+                self.created.push((now, source));
+                let p = tcp_packet(len, id, TCP_DATA, f, seq);
+                self.site.handle_outbound(&p, now);
+            }
         }
     }
 
@@ -390,6 +470,7 @@ impl Sim {
             self.site.poll_timeout(),
             self.hub.poll_timeout(),
             self.sources.iter().filter_map(|s| s.next_emit).min(),
+            self.tcp.iter().filter_map(|f| f.sender.timeout()).min(),
         ]
         .into_iter()
         .flatten()
@@ -446,7 +527,13 @@ impl Sim {
         if self.hub.poll_timeout().is_some_and(|t| t <= now) {
             self.hub.handle_timeout(now);
         }
+        self.pump_tcp();
         self.drain();
+        if !self.tcp.is_empty() {
+            // ACKs delivered just now open windows: send at once, as a TCP stack would.
+            self.pump_tcp();
+            self.drain();
+        }
     }
 
     fn arrive(&mut self, f: Flight) {
@@ -505,7 +592,14 @@ impl Sim {
             }
         }
         let mut buf = std::mem::take(&mut self.buf);
+        let mut acks = Vec::new();
         while self.hub.poll_deliver(&mut buf) {
+            if let Some((flow, seq)) = tcp_fields(&buf, TCP_DATA) {
+                if let Some(f) = self.tcp.get_mut(flow) {
+                    let ack = f.receiver.on_segment(seq, now);
+                    acks.push((flow, ack, f.receiver.holes(TCP_SACK_MAX)));
+                }
+            }
             if let Some(id) = packet_id(&buf) {
                 let created = self.created_at(id).unwrap_or(now);
                 self.deliveries.push(Delivery {
@@ -517,8 +611,31 @@ impl Sim {
                 });
             }
         }
-        while self.site.poll_deliver(&mut buf) {}
+        while self.site.poll_deliver(&mut buf) {
+            if let Some((flow, ack)) = tcp_fields(&buf, TCP_ACK) {
+                let holes: Vec<u64> = buf
+                    .get(TCP_MARK_AT + 10..)
+                    .unwrap_or(&[])
+                    .chunks_exact(8)
+                    .filter_map(|c| c.try_into().ok().map(u64::from_be_bytes))
+                    .collect();
+                if let Some(f) = self.tcp.get_mut(flow) {
+                    f.sender.on_ack(ack, &holes, now);
+                }
+            }
+        }
         self.buf = buf;
+        for (flow, ack, holes) in acks {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.created.push((now, usize::MAX));
+            let mut p = tcp_packet(TCP_ACK_LEN + 8 * holes.len(), id, TCP_ACK, flow, ack);
+            for (k, h) in holes.iter().enumerate() {
+                let at = TCP_MARK_AT + 10 + 8 * k;
+                p[at..at + 8].copy_from_slice(&h.to_be_bytes());
+            }
+            self.hub.handle_outbound(&p, now);
+        }
         while let Some(e) = self.site.poll_event() {
             self.events.push((now, Side::Site, e));
         }
@@ -605,6 +722,39 @@ struct Source {
     len: usize,
     kind: Traffic,
     next_emit: Option<Instant>,
+}
+
+/// A packet of the TCP model: a UDP header (the bond needs none of TCP's), the packet id,
+/// a mark (data or ACK), the flow and the segment number (or the ACK's).
+fn tcp_packet(len: usize, id: u64, mark: u8, flow: usize, seq: u64) -> Vec<u8> {
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    p[20..22].copy_from_slice(&6000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&6001u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
+    p[ID_AT..ID_AT + 8].copy_from_slice(&id.to_be_bytes());
+    p[TCP_MARK_AT] = mark;
+    p[TCP_MARK_AT + 1] = flow as u8;
+    p[TCP_MARK_AT + 2..TCP_MARK_AT + 10].copy_from_slice(&seq.to_be_bytes());
+    p
+}
+
+/// The flow and segment (or ACK) number of a TCP model packet with `mark`.
+fn tcp_fields(packet: &[u8], mark: u8) -> Option<(usize, u64)> {
+    if packet.get(TCP_MARK_AT) != Some(&mark) || packet.get(20..22) != Some(&6000u16.to_be_bytes())
+    {
+        return None;
+    }
+    let b = packet.get(TCP_MARK_AT + 2..TCP_MARK_AT + 10)?;
+    Some((
+        usize::from(packet[TCP_MARK_AT + 1]),
+        u64::from_be_bytes(b.try_into().ok()?),
+    ))
 }
 
 fn packet_id(packet: &[u8]) -> Option<u64> {

@@ -1,0 +1,436 @@
+//! A model of one TCP connection for the simulator: a CUBIC sender (slow start with
+//! HyStart's delay check, NewReno-style fast retransmit and recovery, a retransmission
+//! timeout) and a receiver that acknowledges every segment.
+//!
+//! It is a model, not Linux: no SACK (one hole is repaired per round trip), no pacing (the
+//! sender sends as the window opens, in bursts like an unpaced Linux sender), no receive
+//! window. It keeps the parts that decide how a single download fares through a bond: how
+//! fast slow start ramps, when HyStart ends it (a round whose first RTT samples sit 4-16 ms
+//! above the lowest RTT seen), how a loss shrinks the window (to 0.7) and how the window
+//! grows back (the cubic curve, or Reno's pace when that is faster). Constants follow
+//! Linux's `tcp_cubic.c`.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// CUBIC's scaling constant (window in segments, time in seconds).
+const CUBIC_C: f64 = 0.4;
+/// Window kept after a loss.
+const BETA: f64 = 0.7;
+/// Initial window, segments.
+const INITIAL_WINDOW: f64 = 10.0;
+/// HyStart checks the delay only from this window on.
+const HYSTART_LOW_WINDOW: f64 = 16.0;
+/// RTT samples at the start of a round that HyStart takes the minimum of.
+const HYSTART_SAMPLES: u32 = 8;
+/// Lowest retransmission timeout.
+const MIN_RTO: Duration = Duration::from_millis(200);
+
+/// The sending side of the connection.
+#[derive(Debug)]
+pub struct TcpSender {
+    /// Next new segment number.
+    next_seq: u64,
+    /// Lowest unacknowledged segment.
+    snd_una: u64,
+    cwnd: f64,
+    ssthresh: f64,
+    /// Send time of each segment from `snd_una` on, and whether it was sent again.
+    sent: VecDeque<(Instant, bool)>,
+    dupacks: u32,
+    /// In recovery until `snd_una` reaches this.
+    recover: Option<u64>,
+    /// Segments to send again before new ones.
+    rtx: VecDeque<u64>,
+    /// Segments sent again in the current recovery.
+    resent: BTreeSet<u64>,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    min_rtt: Option<Duration>,
+    rto_at: Option<Instant>,
+    /// CUBIC: window before the last loss, start of the current growth epoch, time to
+    /// reach `w_max` again, and the window Reno would have now.
+    w_max: f64,
+    epoch: Option<Instant>,
+    origin: f64,
+    k: f64,
+    w_reno: f64,
+    /// HyStart: end of the current round, lowest RTT among its first samples.
+    round_end: u64,
+    round_min: Option<Duration>,
+    round_samples: u32,
+    /// What happened, for the tests.
+    pub stats: TcpStats,
+}
+
+/// Counters of a [`TcpSender`].
+#[derive(Clone, Debug, Default)]
+pub struct TcpStats {
+    /// Segments sent again (fast retransmit, partial ACKs, timeouts).
+    pub retransmits: u64,
+    /// Window reductions after three duplicate ACKs.
+    pub loss_events: u64,
+    /// Retransmission timeouts.
+    pub timeouts: u64,
+    /// When HyStart ended slow start, and the window then.
+    pub hystart_exit: Option<(Instant, f64)>,
+    /// Largest window reached, segments.
+    pub max_cwnd: f64,
+}
+
+impl Default for TcpSender {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TcpSender {
+    /// A connection that has just been opened (initial window 10).
+    pub fn new() -> Self {
+        Self {
+            next_seq: 0,
+            snd_una: 0,
+            cwnd: INITIAL_WINDOW,
+            ssthresh: f64::INFINITY,
+            sent: VecDeque::new(),
+            dupacks: 0,
+            recover: None,
+            rtx: VecDeque::new(),
+            resent: BTreeSet::new(),
+            srtt: None,
+            rttvar: Duration::ZERO,
+            min_rtt: None,
+            rto_at: None,
+            w_max: 0.0,
+            epoch: None,
+            origin: 0.0,
+            k: 0.0,
+            w_reno: 0.0,
+            round_end: 0,
+            round_min: None,
+            round_samples: 0,
+            stats: TcpStats::default(),
+        }
+    }
+
+    /// Congestion window, segments.
+    pub fn cwnd(&self) -> f64 {
+        self.cwnd
+    }
+
+    /// Smoothed RTT.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// The next segment the window lets out now (a repair first), recording it as sent.
+    pub fn poll_send(&mut self, now: Instant) -> Option<u64> {
+        // While recovering, each duplicate ACK says a segment left the network.
+        let in_flight = (self.next_seq - self.snd_una) as f64 - f64::from(self.dupacks);
+        if in_flight >= self.cwnd.floor().max(1.0) && self.rtx.is_empty() {
+            return None;
+        }
+        if let Some(seq) = self.rtx.pop_front() {
+            self.resent.insert(seq);
+            if let Some(slot) = self.sent.get_mut((seq - self.snd_una) as usize) {
+                *slot = (now, true);
+            }
+            self.stats.retransmits += 1;
+            self.rto_at.get_or_insert(now + self.rto());
+            return Some(seq);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.sent.push_back((now, false));
+        self.rto_at.get_or_insert(now + self.rto());
+        Some(seq)
+    }
+
+    /// When the retransmission timer fires, if it runs.
+    pub fn timeout(&self) -> Option<Instant> {
+        self.rto_at
+    }
+
+    fn rto(&self) -> Duration {
+        self.srtt
+            .map_or(Duration::from_secs(1), |s| s + 4 * self.rttvar)
+            .max(MIN_RTO)
+    }
+
+    /// The retransmission timer fired: the first unacknowledged segment is sent again and
+    /// slow start begins from a window of one; the holes SACK shows are sent again as ACKs
+    /// come (those already sent again too: the repair may have been lost).
+    pub fn on_timeout(&mut self, now: Instant) {
+        if self.rto_at.is_none_or(|t| t > now) {
+            return;
+        }
+        if self.snd_una == self.next_seq {
+            self.rto_at = None;
+            return;
+        }
+        self.stats.timeouts += 1;
+        self.w_max = self.cwnd;
+        self.ssthresh = (self.cwnd * BETA).max(2.0);
+        self.cwnd = 1.0;
+        self.epoch = None;
+        self.dupacks = 0;
+        self.recover = Some(self.next_seq);
+        self.resent.clear();
+        self.rtx.clear();
+        self.rtx.push_back(self.snd_una);
+        self.rto_at = Some(now + 2 * self.rto());
+    }
+
+    /// A cumulative ACK: every segment below `ack` arrived; `holes` (SACK) lists segments
+    /// above `ack` that have not, below the highest one that has.
+    pub fn on_ack(&mut self, ack: u64, holes: &[u64], now: Instant) {
+        if ack > self.next_seq {
+            return;
+        }
+        if ack > self.snd_una {
+            let newly = ack - self.snd_una;
+            if let Some(&(at, again)) = self.sent.get((ack - 1 - self.snd_una) as usize) {
+                if !again {
+                    self.rtt_sample(now.saturating_duration_since(at), now);
+                }
+            }
+            for _ in 0..newly {
+                self.sent.pop_front();
+            }
+            self.snd_una = ack;
+            self.rtx.retain(|&s| s >= ack);
+            self.dupacks = 0;
+            match self.recover {
+                Some(r) if ack >= r => {
+                    self.recover = None;
+                    self.resent.clear();
+                    self.cwnd = self.ssthresh.max(2.0);
+                }
+                // A partial ACK: the next hole is lost too.
+                Some(_) => {
+                    if !self.rtx.contains(&ack) && !self.resent.contains(&ack) {
+                        self.rtx.push_back(ack);
+                    }
+                }
+                None => self.grow(newly as f64, now),
+            }
+            if ack >= self.round_end {
+                self.round_end = self.next_seq;
+                self.round_min = None;
+                self.round_samples = 0;
+            }
+            self.rto_at = (self.snd_una < self.next_seq).then(|| now + self.rto());
+        } else if ack == self.snd_una && self.next_seq > self.snd_una {
+            self.dupacks += 1;
+            if self.dupacks == 3 && self.recover.is_none() {
+                self.stats.loss_events += 1;
+                // Fast convergence: a window below the last maximum gives way to others.
+                self.w_max = if self.cwnd < self.w_max {
+                    self.cwnd * (1.0 + BETA) / 2.0
+                } else {
+                    self.cwnd
+                };
+                self.cwnd = (self.cwnd * BETA).max(2.0);
+                self.ssthresh = self.cwnd;
+                self.epoch = None;
+                self.recover = Some(self.next_seq);
+                self.rtx.push_back(self.snd_una);
+            }
+        }
+        // With SACK, every hole is sent again in the same round trip (once per recovery).
+        if let Some(r) = self.recover {
+            for &h in holes {
+                if h > self.snd_una && h < r && !self.rtx.contains(&h) && !self.resent.contains(&h)
+                {
+                    self.rtx.push_back(h);
+                }
+            }
+        }
+        self.stats.max_cwnd = self.stats.max_cwnd.max(self.cwnd);
+    }
+
+    fn rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(s) => {
+                let diff = s.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((s * 7 + rtt) / 8);
+            }
+        }
+        // HyStart: the first samples of a round show whether a queue has started to build.
+        if self.cwnd < self.ssthresh && self.cwnd >= HYSTART_LOW_WINDOW {
+            if self.round_samples < HYSTART_SAMPLES {
+                self.round_samples += 1;
+                self.round_min = Some(self.round_min.map_or(rtt, |m| m.min(rtt)));
+            }
+            if let (HYSTART_SAMPLES, Some(cur), Some(min)) =
+                (self.round_samples, self.round_min, self.min_rtt)
+            {
+                let thresh = (min / 8).clamp(Duration::from_millis(4), Duration::from_millis(16));
+                if cur >= min + thresh {
+                    self.ssthresh = self.cwnd;
+                    self.stats.hystart_exit.get_or_insert((now, self.cwnd));
+                }
+            }
+        }
+    }
+
+    fn grow(&mut self, acked: f64, now: Instant) {
+        if self.cwnd < self.ssthresh {
+            self.cwnd += acked;
+            return;
+        }
+        let min_rtt = self.min_rtt.unwrap_or(Duration::from_millis(100));
+        let epoch = *self.epoch.get_or_insert_with(|| {
+            if self.cwnd < self.w_max {
+                self.k = ((self.w_max - self.cwnd) / CUBIC_C).cbrt();
+                self.origin = self.w_max;
+            } else {
+                self.k = 0.0;
+                self.origin = self.cwnd;
+            }
+            self.w_reno = self.cwnd;
+            now
+        });
+        let t = (now.saturating_duration_since(epoch) + min_rtt).as_secs_f64();
+        let mut target = self.origin + CUBIC_C * (t - self.k).powi(3);
+        // Where Reno would be: CUBIC never grows slower than that.
+        self.w_reno += 3.0 * (1.0 - BETA) / (1.0 + BETA) * acked / self.cwnd;
+        target = target.max(self.w_reno);
+        // At most half a segment per ACK (1.5 times per round trip), as Linux.
+        let mut step = if target > self.cwnd {
+            ((target - self.cwnd) / self.cwnd).min(0.5)
+        } else {
+            0.01 / self.cwnd
+        };
+        // Before the first loss the capacity is unknown: at least 5 % per round trip, as
+        // Linux grows after HyStart ended slow start.
+        if self.w_max == 0.0 {
+            step = step.max(0.05);
+        }
+        self.cwnd += step * acked;
+    }
+}
+
+/// The receiving side: acknowledges every segment with the next one it needs.
+#[derive(Debug, Default)]
+pub struct TcpReceiver {
+    rcv_next: u64,
+    out_of_order: BTreeSet<u64>,
+    /// (time, segments in order so far) each time the in-order point moved.
+    pub progress: Vec<(Instant, u64)>,
+}
+
+impl TcpReceiver {
+    /// A segment arrived; returns the ACK to send.
+    pub fn on_segment(&mut self, seq: u64, now: Instant) -> u64 {
+        if seq == self.rcv_next {
+            self.rcv_next += 1;
+            while self.out_of_order.remove(&self.rcv_next) {
+                self.rcv_next += 1;
+            }
+            self.progress.push((now, self.rcv_next));
+        } else if seq > self.rcv_next {
+            self.out_of_order.insert(seq);
+        }
+        self.rcv_next
+    }
+
+    /// Up to `max` segments missing between the in-order point and the highest received
+    /// (what SACK blocks tell the sender).
+    pub fn holes(&self, max: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut want = self.rcv_next;
+        for &s in &self.out_of_order {
+            while want < s && out.len() < max {
+                out.push(want);
+                want += 1;
+            }
+            want = s + 1;
+            if out.len() >= max {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Segments received in order by `at`.
+    pub fn in_order_at(&self, at: Instant) -> u64 {
+        let i = self.progress.partition_point(|(t, _)| *t <= at);
+        i.checked_sub(1).map_or(0, |i| self.progress[i].1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lossless pipe of `rtt` with unlimited rate: slow start doubles the window per
+    /// round trip.
+    #[test]
+    fn slow_start_doubles_per_round_trip() {
+        let t0 = Instant::now();
+        let mut s = TcpSender::new();
+        let mut r = TcpReceiver::default();
+        let rtt = Duration::from_millis(20);
+        for round in 0..4u32 {
+            let now = t0 + rtt * round;
+            let mut sent = Vec::new();
+            while let Some(seq) = s.poll_send(now) {
+                sent.push(seq);
+            }
+            assert_eq!(
+                sent.len() as f64,
+                10.0 * 2f64.powi(round as i32),
+                "round {round}"
+            );
+            for seq in sent {
+                let ack = r.on_segment(seq, now + rtt / 2);
+                s.on_ack(ack, &[], now + rtt);
+            }
+        }
+    }
+
+    #[test]
+    fn three_duplicate_acks_resend_the_hole_and_shrink_the_window() {
+        let t0 = Instant::now();
+        let mut s = TcpSender::new();
+        let mut r = TcpReceiver::default();
+        let mut sent = Vec::new();
+        while let Some(seq) = s.poll_send(t0) {
+            sent.push(seq);
+        }
+        let later = t0 + Duration::from_millis(20);
+        for seq in sent.into_iter().filter(|&q| q != 2) {
+            let ack = r.on_segment(seq, later);
+            s.on_ack(ack, &r.holes(16), later);
+        }
+        assert_eq!(s.stats.loss_events, 1);
+        // Slow start grew the window by the two segments ACKed before the hole: 12 x 0.7.
+        assert!((s.cwnd() - 8.4).abs() < 1e-9, "cwnd {}", s.cwnd());
+        // The hole goes first, then new data as the inflated window allows.
+        assert_eq!(s.poll_send(later), Some(2));
+        let ack = r.on_segment(2, later + Duration::from_millis(10));
+        assert_eq!(ack, 10);
+        s.on_ack(ack, &[], later + Duration::from_millis(20));
+        assert_eq!(s.stats.loss_events, 1);
+        assert_eq!(r.in_order_at(later + Duration::from_millis(10)), 10);
+    }
+
+    #[test]
+    fn a_silent_path_times_out_to_a_window_of_one() {
+        let t0 = Instant::now();
+        let mut s = TcpSender::new();
+        while s.poll_send(t0).is_some() {}
+        let t = s.timeout().expect("timer runs");
+        s.on_timeout(t);
+        assert_eq!(s.stats.timeouts, 1);
+        assert_eq!(s.cwnd(), 1.0);
+        assert_eq!(s.poll_send(t), Some(0));
+    }
+}

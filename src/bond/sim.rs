@@ -373,9 +373,7 @@ impl Sim {
             }
             while let Some(seq) = self.tcp[f].sender.poll_send(now) {
                 let (len, source) = (self.tcp[f].len, self.tcp[f].source);
-                let id = self.next_id;
-                self.next_id += 1;
-                self.created.push((now, source));
+                let id = self.new_id(source);
                 let p = tcp_packet(len, id, TCP_DATA, f, seq);
                 self.site.handle_outbound(&p, now);
             }
@@ -444,24 +442,21 @@ impl Sim {
 
     fn make_packet(&mut self, index: usize) {
         let (len, kind) = (self.sources[index].len, self.sources[index].kind);
-        let id = self.next_id;
-        self.next_id += 1;
-        self.created.push((self.now, index));
-        let mut p = vec![0u8; len];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        p[8] = 64;
-        p[9] = match kind {
+        let id = self.new_id(index);
+        let proto = match kind {
             Traffic::Bulk => 17,
             Traffic::Ping => 1,
         };
-        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        p[20..22].copy_from_slice(&5000u16.to_be_bytes());
-        p[22..24].copy_from_slice(&5001u16.to_be_bytes());
-        p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
-        p[ID_AT..ID_AT + 8].copy_from_slice(&id.to_be_bytes());
+        let p = ip_packet(len, proto, 5000, id);
         self.site.handle_outbound(&p, self.now);
+    }
+
+    /// Numbers a new packet, recorded as made now by `source`.
+    fn new_id(&mut self, source: usize) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.created.push((self.now, source));
+        id
     }
 
     fn next_time(&self) -> Option<Instant> {
@@ -626,9 +621,7 @@ impl Sim {
         }
         self.buf = buf;
         for (flow, ack, holes) in acks {
-            let id = self.next_id;
-            self.next_id += 1;
-            self.created.push((now, usize::MAX));
+            let id = self.new_id(usize::MAX);
             let mut p = tcp_packet(TCP_ACK_LEN + 8 * holes.len(), id, TCP_ACK, flow, ack);
             for (k, h) in holes.iter().enumerate() {
                 let at = TCP_MARK_AT + 10 + 8 * k;
@@ -724,20 +717,30 @@ struct Source {
     next_emit: Option<Instant>,
 }
 
-/// A packet of the TCP model: a UDP header (the bond needs none of TCP's), the packet id,
-/// a mark (data or ACK), the flow and the segment number (or the ACK's).
-fn tcp_packet(len: usize, id: u64, mark: u8, flow: usize, seq: u64) -> Vec<u8> {
+/// An IPv4 packet of `len` bytes from 10.0.0.1 to 10.0.0.2 with protocol `proto`, a UDP
+/// header from port `sport` to `sport + 1` (ICMP carries the same bytes) and the packet id.
+fn ip_packet(len: usize, proto: u8, sport: u16, id: u64) -> Vec<u8> {
     let mut p = vec![0u8; len];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
     p[8] = 64;
-    p[9] = 17;
+    p[9] = proto;
     p[12..16].copy_from_slice(&[10, 0, 0, 1]);
     p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    p[20..22].copy_from_slice(&6000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&6001u16.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&(sport + 1).to_be_bytes());
     p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
     p[ID_AT..ID_AT + 8].copy_from_slice(&id.to_be_bytes());
+    p
+}
+
+/// UDP source port of the TCP model's packets.
+const TCP_PORT: u16 = 6000;
+
+/// A packet of the TCP model: a UDP header (the bond needs none of TCP's), the packet id,
+/// a mark (data or ACK), the flow and the segment number (or the ACK's).
+fn tcp_packet(len: usize, id: u64, mark: u8, flow: usize, seq: u64) -> Vec<u8> {
+    let mut p = ip_packet(len, 17, TCP_PORT, id);
     p[TCP_MARK_AT] = mark;
     p[TCP_MARK_AT + 1] = flow as u8;
     p[TCP_MARK_AT + 2..TCP_MARK_AT + 10].copy_from_slice(&seq.to_be_bytes());
@@ -746,7 +749,7 @@ fn tcp_packet(len: usize, id: u64, mark: u8, flow: usize, seq: u64) -> Vec<u8> {
 
 /// The flow and segment (or ACK) number of a TCP model packet with `mark`.
 fn tcp_fields(packet: &[u8], mark: u8) -> Option<(usize, u64)> {
-    if packet.get(TCP_MARK_AT) != Some(&mark) || packet.get(20..22) != Some(&6000u16.to_be_bytes())
+    if packet.get(TCP_MARK_AT) != Some(&mark) || packet.get(20..22) != Some(&TCP_PORT.to_be_bytes())
     {
         return None;
     }

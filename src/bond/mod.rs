@@ -773,17 +773,21 @@ impl Bond {
     /// lost. Ask the sender for them at once, on this link and on the fastest other one.
     fn nack_gap(&mut self, i: usize, link_seq: u32, now: Instant) {
         let rx = &self.links[i].rx;
-        if rx.packets == 0 {
-            return;
-        }
-        let gap = link_seq.wrapping_sub(rx.highest_link_seq);
-        if !(2..=u32::from(wire::MAX_NACK_RUN) + 1).contains(&gap) {
+        // A link numbers its packets from 0: the first one to arrive numbered a little above
+        // that says the ones before it were lost.
+        let (first, missing) = if rx.packets == 0 {
+            (0, link_seq)
+        } else {
+            let gap = link_seq.wrapping_sub(rx.highest_link_seq);
+            (rx.highest_link_seq.wrapping_add(1), gap.wrapping_sub(1))
+        };
+        if !(1..=u32::from(wire::MAX_NACK_RUN)).contains(&missing) {
             return;
         }
         let nack = Control::Nack(wire::Nack {
             link_id: self.links[i].id.0,
-            first_link_seq: rx.highest_link_seq.wrapping_add(1),
-            count: (gap - 1) as u16,
+            first_link_seq: first,
+            count: missing as u16,
         });
         let other = (0..self.links.len())
             .filter(|&j| j != i && self.links[j].est.usable())

@@ -149,8 +149,11 @@ impl ReorderBuffer {
             self.stats.too_old += 1;
             return;
         }
-        let next = *self.next.get_or_insert(seq);
         let window = self.window();
+        // A sender numbers from 0: a first packet numbered low means the ones before it were
+        // lost or overtaken, and are waited for like any gap. (A first packet numbered high
+        // means this side started while the sender was sending: start there.)
+        let next = *self.next.get_or_insert(if seq < window { 0 } else { seq });
         if seq < next {
             self.insert_old(seq, packet, next, now);
             return;
@@ -478,6 +481,23 @@ mod tests {
         assert_eq!(r.stats().duplicates, 2);
         // It came 9 ms after its gap was given up at a 30 ms timeout: it needed 39 ms.
         assert_eq!(r.late_need(), T + Duration::from_millis(9));
+    }
+
+    #[test]
+    fn a_first_packet_numbered_low_waits_for_the_ones_before_it() {
+        let t0 = Instant::now();
+        let mut r = ReorderBuffer::new(64, 1 << 20, T);
+        // Packet 0 was lost (or is on a slower link): 2 waits for it, as for any gap.
+        r.insert(2, &pkt(2), t0);
+        assert_eq!(drain(&mut r), Vec::<u64>::new());
+        r.insert(0, &pkt(0), t0 + Duration::from_millis(5));
+        r.insert(1, &pkt(1), t0 + Duration::from_millis(6));
+        assert_eq!(drain(&mut r), vec![0, 1, 2]);
+        assert_eq!(r.stats().late, 0);
+        // A receiver that starts while its peer is well into its numbering starts there.
+        let mut r = ReorderBuffer::new(64, 1 << 20, T);
+        r.insert(5000, &pkt(5000), t0);
+        assert_eq!(drain(&mut r), vec![5000]);
     }
 
     #[test]

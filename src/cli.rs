@@ -59,9 +59,24 @@ pub enum Command {
         /// Only this interface.
         name: Option<String>,
         /// Machine-readable output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Show again every SECONDS (default 1), with what each link carries now, until
+        /// interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1",
+              value_parser = parse_watch_interval)]
+        watch: Option<f64>,
     },
+}
+
+/// `--watch SECONDS`: a number of seconds from 0.1 to 3600.
+fn parse_watch_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not an interval: give seconds from 0.1 to 3600, e.g. `--watch 2`"
+        )),
+    }
 }
 
 /// `CONFIG|NAME` to a path: a bare name (no `/`, no `.toml`) means `/etc/wgbond/NAME.toml`.
@@ -85,7 +100,10 @@ pub fn run(cli: Cli) -> ExitCode {
             crate::io::launch::up(&resolve_config(&config), foreground, verbose)
         }
         Command::Down { config } => crate::io::launch::down(&config),
-        Command::Show { name, json } => crate::io::launch::show(name.as_deref(), json),
+        Command::Show { name, json, watch } => match watch {
+            Some(secs) => crate::io::launch::watch(name.as_deref(), secs),
+            None => crate::io::launch::show(name.as_deref(), json),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,9 +193,24 @@ mod tests {
             cli.command,
             Command::Show {
                 name: None,
-                json: true
+                json: true,
+                watch: None
             }
         ));
+        let cli = Cli::try_parse_from(["wgbond", "show", "--watch"]).expect("valid");
+        assert!(matches!(cli.command, Command::Show { watch: Some(w), .. } if w == 1.0));
+        let cli = Cli::try_parse_from(["wgbond", "show", "site", "--watch", "0.5"]).expect("valid");
+        assert!(
+            matches!(cli.command, Command::Show { ref name, watch: Some(w), .. } if w == 0.5 && name.as_deref() == Some("site"))
+        );
+        for bad in [
+            &["show", "--watch", "0"][..],
+            &["show", "--watch", "x"],
+            &["show", "--watch", "--json"],
+        ] {
+            let args = std::iter::once("wgbond").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
         assert!(
             Cli::try_parse_from(["wgbond", "check"]).is_err(),
             "check needs a file"

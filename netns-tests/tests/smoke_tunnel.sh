@@ -12,8 +12,8 @@
 #   +---------------------------+                  +-------------------------------+
 #
 # Checks: `up` returns once ready; ping through the bond; a 50 MB TCP transfer each way with
-# sha256-verified content; `show` lists both links with RTT and bytes on both ends; the hub's
-# metrics endpoint reports both links' bytes; `down`
+# sha256-verified content; `show` lists both links with RTT and bytes on both ends; `show
+# --watch` gives what the links carry now; the hub's metrics endpoint reports both links' bytes; `down`
 # restores `ip link/addr/rule/route` exactly; a failed `up` (missing WAN) changes nothing.
 # Prints "PASS name: detail" / "FAIL name: detail" lines; exits non-zero on any failure.
 # Needs root, iproute2, python3. WGBOND=path/to/wgbond (default: target/release/wgbond);
@@ -364,9 +364,13 @@ print(json.dumps({m.group(1): float(m.group(2)) for m in re.finditer(
 in_hub timeout 20 ping -q -i 0.002 -s 1200 -c 1500 10.99.0.2 >/dev/null 2>&1 &
 flood_pid=$!
 sleep 0.3
+# `show --watch` alongside, piped (so it appends statuses instead of redrawing).
+in_hub timeout 1.8 "$WGBOND" show wgbhub --watch 0.5 >"$TMP/watch.txt" 2>&1 &
+watch_pid=$!
 first=$(in_hub python3 -c "$SCRAPE" 2>&1)
 sleep 1
 second=$(in_hub python3 -c "$SCRAPE" 2>&1)
+wait "$watch_pid" 2>/dev/null
 wait "$flood_pid" 2>/dev/null
 verdict=$(python3 -c '
 import json, sys
@@ -379,6 +383,29 @@ if [[ $verdict == ok* ]]; then
     pass metrics_during_traffic "${verdict#ok }"
 else
     fail metrics_during_traffic "${verdict#bad } (scrapes: $first / $second)"
+fi
+
+# The hub's pings (1228-byte IP packets, 500 a second: 4.9 Mbit/s) go out on its links and
+# their replies come back: the last status `show --watch` printed says so per peer, and has
+# a `now:` line for each link.
+verdict=$(python3 -c '
+import re, sys
+text = open(sys.argv[1]).read()
+def mbit(v, unit):
+    return float(v) / (1000.0 if unit == "kbit/s" else 1.0)
+last = text.split("every 0.5 s")[-1]
+peer = re.search(r"  now: ([0-9.]+) (Mbit/s|kbit/s) sent, ([0-9.]+) (Mbit/s|kbit/s) received over all links", last)
+links = re.findall(r"link (\S+) \[\d+\]: \S+\n    now: ", last)
+if not peer:
+    print("bad no rates in the last status: %r" % last[-600:]); sys.exit()
+sent, got = mbit(peer.group(1), peer.group(2)), mbit(peer.group(3), peer.group(4))
+ok = 2.5 <= sent <= 8 and 2.5 <= got <= 8 and sorted(links) == ["wan0", "wan1"] and text.count("every 0.5 s") >= 3
+print(("ok " if ok else "bad ") + "now %.1f Mbit/s sent, %.1f received over links %s (%d statuses)" % (sent, got, links, text.count("every 0.5 s")))
+' "$TMP/watch.txt" 2>&1)
+if [[ $verdict == ok* ]]; then
+    pass show_watch "${verdict#ok }"
+else
+    fail show_watch "${verdict#bad }"
 fi
 
 # --- down restores everything ------------------------------------------------------------------

@@ -321,6 +321,53 @@ pub fn running_interfaces() -> Vec<String> {
 
 /// `wg show`-style text for one interface.
 pub fn format_status(s: &InterfaceStatus) -> String {
+    format_status_with_rates(s, &LinkRates::new())
+}
+
+/// What each link carried per second between two snapshots, bit/s sent and received, keyed
+/// by interface name, peer public key and link id.
+pub type LinkRates = std::collections::HashMap<(String, String, u8), (u64, u64)>;
+
+/// The rates of every link found in both `before` and `after`, taken `secs` apart. A link
+/// whose counters went backwards (its daemon restarted) has none.
+pub fn link_rates(before: &[InterfaceStatus], after: &[InterfaceStatus], secs: f64) -> LinkRates {
+    let mut old = std::collections::HashMap::new();
+    for i in before {
+        for p in &i.peers {
+            for l in &p.links {
+                old.insert(
+                    (i.name.clone(), p.public_key.clone(), l.id),
+                    (l.tx_bytes, l.rx_bytes),
+                );
+            }
+        }
+    }
+    let mut rates = LinkRates::new();
+    if secs.is_nan() || secs <= 0.0 {
+        return rates;
+    }
+    for i in after {
+        for p in &i.peers {
+            for l in &p.links {
+                let key = (i.name.clone(), p.public_key.clone(), l.id);
+                let Some(&(tx0, rx0)) = old.get(&key) else {
+                    continue;
+                };
+                if let (Some(tx), Some(rx)) =
+                    (l.tx_bytes.checked_sub(tx0), l.rx_bytes.checked_sub(rx0))
+                {
+                    let bps = |b: u64| (b as f64 * 8.0 / secs) as u64;
+                    rates.insert(key, (bps(tx), bps(rx)));
+                }
+            }
+        }
+    }
+    rates
+}
+
+/// [`format_status`] with what each link carries now (`show --watch`): a `now:` line per
+/// link and per peer (the sum of its links) where `rates` has one.
+pub fn format_status_with_rates(s: &InterfaceStatus, rates: &LinkRates) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let _ = writeln!(o, "interface: {}", s.name);
@@ -393,10 +440,23 @@ pub fn format_status(s: &InterfaceStatus) -> String {
                 p.rx_source_drops, b.send_drops, b.malformed
             );
         }
+        let rate_of = |l: &LinkStatus| rates.get(&(s.name.clone(), p.public_key.clone(), l.id));
+        let now: Vec<(u64, u64)> = p.links.iter().filter_map(|l| rate_of(l).copied()).collect();
+        if !now.is_empty() {
+            let _ = writeln!(
+                o,
+                "  now: {} sent, {} received over all links",
+                rate(now.iter().map(|r| r.0).sum()),
+                rate(now.iter().map(|r| r.1).sum())
+            );
+        }
         // Each link's share of the packets sent, so that striping is visible at a glance.
         let total_tx: u64 = p.links.iter().map(|l| l.tx_packets).sum();
         for l in &p.links {
             let _ = writeln!(o, "  link {} [{}]: {}", l.name, l.id, l.state);
+            if let Some(&(tx, rx)) = rate_of(l) {
+                let _ = writeln!(o, "    now: {} sent, {} received", rate(tx), rate(rx));
+            }
             if let Some(e) = &l.endpoint {
                 match &l.bind {
                     Some(b) => {
@@ -565,5 +625,60 @@ mod tests {
         assert!(text.contains("rate 20.0 Mbit/s (pacing "), "{text}");
         assert!(text.contains("% of packets, "), "{text}");
         assert!(text.contains("(longest "), "{text}");
+        assert!(!text.contains("now:"), "{text}");
+    }
+
+    #[test]
+    fn rates_come_from_two_snapshots_and_show_per_link_and_peer() {
+        let snapshot = |tx: u64, rx: u64| InterfaceStatus {
+            name: "site".into(),
+            peers: vec![PeerStatus {
+                public_key: "HUB".into(),
+                links: vec![
+                    LinkStatus {
+                        id: 0,
+                        name: "cable".into(),
+                        state: "up".into(),
+                        tx_bytes: tx,
+                        rx_bytes: rx,
+                        ..LinkStatus::default()
+                    },
+                    LinkStatus {
+                        id: 1,
+                        name: "lte".into(),
+                        tx_bytes: tx / 2,
+                        rx_bytes: rx,
+                        ..LinkStatus::default()
+                    },
+                ],
+                ..PeerStatus::default()
+            }],
+            ..InterfaceStatus::default()
+        };
+        let before = snapshot(1_000_000, 5_000_000);
+        let after = snapshot(3_000_000, 5_125_000);
+        // Two seconds apart: 2 MB more sent on cable is 8 Mbit/s, 1 MB on lte 4 Mbit/s.
+        let rates = link_rates(
+            std::slice::from_ref(&before),
+            std::slice::from_ref(&after),
+            2.0,
+        );
+        let key = |id| ("site".to_string(), "HUB".to_string(), id);
+        assert_eq!(rates.get(&key(0)), Some(&(8_000_000, 500_000)));
+        assert_eq!(rates.get(&key(1)), Some(&(4_000_000, 500_000)));
+        let text = format_status_with_rates(&after, &rates);
+        assert!(
+            text.contains("now: 12.0 Mbit/s sent, 1.0 Mbit/s received over all links"),
+            "{text}"
+        );
+        assert!(
+            text.contains("link cable [0]: up\n    now: 8.0 Mbit/s sent, 500 kbit/s received"),
+            "{text}"
+        );
+        // Counters that went backwards (the daemon restarted) give no rate, nor does a link
+        // the first snapshot did not have.
+        let rates = link_rates(&[after], std::slice::from_ref(&before), 2.0);
+        assert!(rates.is_empty(), "{rates:?}");
+        assert!(link_rates(&[], &[before], 2.0).is_empty());
     }
 }

@@ -120,14 +120,7 @@ fn interface_name(arg: &str) -> Result<String, String> {
 
 /// `wgbond show [NAME] [--json]`.
 pub fn show(name: Option<&str>, json: bool) -> Result<(), String> {
-    let statuses: Vec<InterfaceStatus> = match name {
-        Some(n) => vec![control::show(n)?],
-        // Sockets of daemons that died without cleaning up are skipped.
-        None => control::running_interfaces()
-            .iter()
-            .filter_map(|n| control::show(n).ok())
-            .collect(),
-    };
+    let statuses = statuses(name)?;
     if json {
         let text = serde_json::to_string_pretty(&statuses).map_err(|e| e.to_string())?;
         println!("{text}");
@@ -136,6 +129,71 @@ pub fn show(name: Option<&str>, json: bool) -> Result<(), String> {
         print!("{}", text.join("\n"));
     }
     Ok(())
+}
+
+/// The status of interface `name`, or of every running one.
+fn statuses(name: Option<&str>) -> Result<Vec<InterfaceStatus>, String> {
+    Ok(match name {
+        Some(n) => vec![control::show(n)?],
+        // Sockets of daemons that died without cleaning up are skipped.
+        None => control::running_interfaces()
+            .iter()
+            .filter_map(|n| control::show(n).ok())
+            .collect(),
+    })
+}
+
+/// `wgbond show [NAME] --watch SECONDS`: the status again every `secs`, with what each link
+/// carried per second since the last one, until interrupted. On a terminal each status
+/// replaces the last; piped, they follow one another after a blank line (a log).
+pub fn watch(name: Option<&str>, secs: f64) -> Result<(), String> {
+    use std::io::{IsTerminal as _, Write as _};
+    let tty = std::io::stdout().is_terminal();
+    let mut last: Option<(std::time::Instant, Vec<InterfaceStatus>)> = None;
+    loop {
+        let statuses = statuses(name)?;
+        let now = std::time::Instant::now();
+        let rates = last
+            .as_ref()
+            .map_or_else(control::LinkRates::new, |(at, before)| {
+                control::link_rates(before, &statuses, now.duration_since(*at).as_secs_f64())
+            });
+        let mut text = String::new();
+        if tty {
+            // Cursor home, clear the screen.
+            text.push_str("\x1b[H\x1b[2J");
+        } else if last.is_some() {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "every {secs} s (Ctrl-C to stop){}\n\n",
+            if last.is_none() {
+                "; rates from the next one on"
+            } else {
+                ""
+            }
+        ));
+        if statuses.is_empty() {
+            text.push_str("no wgbond interface is up\n");
+        }
+        let parts: Vec<String> = statuses
+            .iter()
+            .map(|s| control::format_status_with_rates(s, &rates))
+            .collect();
+        text.push_str(&parts.join("\n"));
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`| head`) ends the watch.
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+        drop(out);
+        last = Some((now, statuses));
+        std::thread::sleep(Duration::from_secs_f64(secs));
+    }
 }
 
 /// Logs to stderr: journald adds its own timestamps, so they are left out under systemd.

@@ -41,6 +41,10 @@ pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// initiation found the far end not yet listening (both ends started together, the hub
 /// rebooting while the site starts) would be unused that long.
 pub const FIRST_HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+/// Most random time added to each of those waits, as WireGuard adds to its own (up to a
+/// third of a second): sites that lost the hub together must not all knock again in the
+/// same instant.
+pub const HANDSHAKE_RETRY_JITTER: Duration = Duration::from_millis(333);
 /// From this wait on, WireGuard's own 5 s retry timer is left alone.
 const FAST_RETRY_LIMIT: Duration = Duration::from_secs(4);
 /// Handshake messages per second a shared limiter lets through before asking for cookies.
@@ -216,8 +220,10 @@ pub struct LinkTunnel {
     counters: TunnelCounters,
     /// When our last handshake initiation left, while there is no session.
     init_sent_at: Option<Instant>,
-    /// Wait before [`LinkTunnel::retry_stalled_handshake`] sends the next one.
+    /// Wait before [`LinkTunnel::retry_stalled_handshake`] sends the next one, and the
+    /// random time added to it.
     init_retry: Duration,
+    init_jitter: Duration,
 }
 
 impl std::fmt::Debug for LinkTunnel {
@@ -257,6 +263,7 @@ impl LinkTunnel {
             counters: TunnelCounters::default(),
             init_sent_at: None,
             init_retry: FIRST_HANDSHAKE_RETRY,
+            init_jitter: retry_jitter(),
         })
     }
 
@@ -357,11 +364,12 @@ impl LinkTunnel {
         }
         let sent = self.init_sent_at?;
         if self.init_retry > FAST_RETRY_LIMIT
-            || now.saturating_duration_since(sent) < self.init_retry
+            || now.saturating_duration_since(sent) < self.init_retry + self.init_jitter
         {
             return None;
         }
         self.init_retry *= 2;
+        self.init_jitter = retry_jitter();
         let init = self.retry_handshake(out);
         if init.is_some() {
             // The next wait counts from this retry, on the caller's clock.
@@ -476,6 +484,13 @@ impl LinkTunnel {
         }
         r
     }
+}
+
+/// A random wait of up to [`HANDSHAKE_RETRY_JITTER`].
+fn retry_jitter() -> Duration {
+    use rand::Rng as _;
+    let max = HANDSHAKE_RETRY_JITTER.as_micros() as u64;
+    Duration::from_micros(rand::thread_rng().gen_range(0..=max))
 }
 
 /// The public key of a private key (for the hub's limiter and demux).
@@ -764,12 +779,12 @@ pub(crate) mod tests {
         let (mut a, mut b) = pair();
         let mut out = vec![0u8; MAX_BUF];
         // The first initiation leaves at about t0 (real time); each retry counts from the
-        // time it was made: 1 s, then 2 s, then 4 s later.
+        // time it was made: 1 s, then 2 s, then 4 s later, plus up to a third of a second.
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let _lost = a.start_handshake(&mut out).unwrap().to_vec();
         let mut last = Vec::new();
-        for (not_yet, due) in [(900, 1100), (3000, 3200), (7100, 7300)] {
+        for (not_yet, due) in [(900, 1400), (3300, 3800), (7700, 8200)] {
             assert!(a.retry_stalled_handshake(at(not_yet), &mut out).is_none());
             let init = a.retry_stalled_handshake(at(due), &mut out);
             last = init.expect("a retry").to_vec();
@@ -783,6 +798,30 @@ pub(crate) mod tests {
         assert!(a.is_established());
         assert!(a.retry_stalled_handshake(at(700_000), &mut out).is_none());
         assert_eq!(a.init_retry, FIRST_HANDSHAKE_RETRY);
+    }
+
+    #[test]
+    fn tunnels_that_lost_their_peer_together_retry_at_different_times() {
+        // Eight links (or sites) whose first initiations all went unanswered at t0: each
+        // retries between 1 s and 1 s + 333 ms later, not all in the same 10 ms.
+        let t0 = Instant::now();
+        let mut out = vec![0u8; MAX_BUF];
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let (mut a, _b) = pair();
+            a.start_handshake(&mut out).expect("initiation");
+            a.init_sent_at = Some(t0);
+            let first = (0..=40u64)
+                .map(|k| 990 + 10 * k)
+                .find(|&ms| {
+                    a.retry_stalled_handshake(t0 + Duration::from_millis(ms), &mut out)
+                        .is_some()
+                })
+                .expect("a retry within 1.4 s");
+            assert!((1000..=1340).contains(&first), "{first} ms");
+            firsts.insert(first);
+        }
+        assert!(firsts.len() >= 2, "all retried at {firsts:?} ms");
     }
 
     #[test]

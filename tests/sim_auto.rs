@@ -365,23 +365,24 @@ fn repairs_on_a_lossy_link_come_before_the_reorder_timeout() {
 
 /// One TCP download (the simulator's CUBIC model) from 1 s to 9 s; returns its rate as the
 /// links carry it over those 8 s (ramp-up included), in Mbit/s, and the hub's skipped gaps.
-fn tcp_download(links: &[LinkSpec], seed: u64) -> (f64, u64) {
+fn tcp_download(links: &[LinkSpec], seed: u64) -> (f64, u64, u64) {
     let mut sim = Sim::new(Mode::Auto, links, seed);
     sim.run_until(1.0);
     let f = sim.start_tcp(1400);
     sim.run_until(9.0);
     let rate = sim.tcp_link_rate_bps(f, 1.0, 9.0) as f64 / 1e6;
-    (rate, sim.hub.stats().reorder_skips)
+    let st = sim.hub.stats();
+    (rate, st.reorder_skips, st.reorder_late)
 }
 
 #[test]
 fn a_tcp_download_through_hetero_gets_most_of_the_sum() {
     // Criterion 1 with a TCP sender instead of a constant-rate source: slow start, HyStart
     // and CUBIC meet the bond's start-up, its queue and the slow link's extra 25 ms.
-    let (rate, skips) = tcp_download(&hetero(), 1);
+    let (rate, skips, _) = tcp_download(&hetero(), 1);
     let eff = rate / 80.0;
     println!("one CUBIC download through hetero, 8 s from a cold start: {rate:.1} Mbit/s = {eff:.3} of the link sum, {skips} gaps skipped");
-    assert!(eff >= 0.84, "efficiency {eff}");
+    assert!(eff >= 0.88, "efficiency {eff}");
     assert_eq!(skips, 0);
 }
 
@@ -390,21 +391,24 @@ fn five_percent_loss_on_the_fast_link_costs_a_tcp_download_little() {
     // Criterion 3 with a TCP sender: every gap the receiver gives up is a loss CUBIC sees
     // (its window shrinks to 0.7 and grows back over seconds), so repairs must come before
     // the reorder timeout even when the NACK or the repair itself is lost on the 5 % link.
-    let (clean, _) = tcp_download(&hetero(), 1);
+    // (A gap given up whose packet still comes is delivered late, out of order; the gaps
+    // given up for good are what the skipped minus the late ones count.)
+    let (clean, ..) = tcp_download(&hetero(), 1);
     let lossy = vec![
         LinkSpec::new(60.0, 10).loss_pct(5.0),
         LinkSpec::new(20.0, 35),
     ];
-    let runs: Vec<(f64, u64)> = (1..=4).map(|seed| tcp_download(&lossy, seed)).collect();
+    let runs: Vec<(f64, u64, u64)> = (1..=8).map(|seed| tcp_download(&lossy, seed)).collect();
     let mean = runs.iter().map(|r| r.0).sum::<f64>() / runs.len() as f64;
     let skips: u64 = runs.iter().map(|r| r.1).sum();
+    let gone: u64 = runs.iter().map(|r| r.1.saturating_sub(r.2)).sum();
     println!(
-        "CUBIC download, 5 % loss on fast: {mean:.1} Mbit/s mean of 4 seeds ({:?}) = {:.3} of loss-free {clean:.1}; {skips} gaps skipped in all",
+        "CUBIC download, 5 % loss on fast: {mean:.1} Mbit/s mean of 8 seeds ({:?}) = {:.3} of loss-free {clean:.1}; {skips} gaps skipped, {gone} of them for good",
         runs.iter().map(|r| format!("{:.1}", r.0)).collect::<Vec<_>>(),
         mean / clean
     );
-    assert!(mean / clean >= 0.70, "{} of loss-free", mean / clean);
-    assert!(skips <= 6, "{skips} gaps skipped");
+    assert!(mean / clean >= 0.68, "{} of loss-free", mean / clean);
+    assert!(gone <= 12, "{gone} gaps given up for good");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use super::{wire, Bond, BondConfig, Event, LinkConfig, LinkId, Mode};
 
 pub mod tcp;
-use tcp::{TcpReceiver, TcpSender};
+use tcp::{Sack, TcpReceiver, TcpSender};
 
 /// One direction of a simulated link.
 #[derive(Clone, Debug)]
@@ -592,7 +592,7 @@ impl Sim {
             if let Some((flow, seq)) = tcp_fields(&buf, TCP_DATA) {
                 if let Some(f) = self.tcp.get_mut(flow) {
                     let ack = f.receiver.on_segment(seq, now);
-                    acks.push((flow, ack, f.receiver.holes(TCP_SACK_MAX)));
+                    acks.push((flow, ack, f.receiver.sack(TCP_SACK_MAX)));
                 }
             }
             if let Some(id) = packet_id(&buf) {
@@ -608,24 +608,38 @@ impl Sim {
         }
         while self.site.poll_deliver(&mut buf) {
             if let Some((flow, ack)) = tcp_fields(&buf, TCP_ACK) {
-                let holes: Vec<u64> = buf
+                // After the ACK number: the highest segment received (u64::MAX: none), how
+                // many above the ACK arrived, then the holes.
+                let words: Vec<u64> = buf
                     .get(TCP_MARK_AT + 10..)
                     .unwrap_or(&[])
                     .chunks_exact(8)
                     .filter_map(|c| c.try_into().ok().map(u64::from_be_bytes))
                     .collect();
+                let sack = match words.as_slice() {
+                    [highest, received_above, holes @ ..] => Sack {
+                        highest: (*highest != u64::MAX).then_some(*highest),
+                        received_above: *received_above,
+                        holes: holes.to_vec(),
+                    },
+                    _ => Sack::default(),
+                };
                 if let Some(f) = self.tcp.get_mut(flow) {
-                    f.sender.on_ack(ack, &holes, now);
+                    f.sender.on_ack(ack, &sack, now);
                 }
             }
         }
         self.buf = buf;
-        for (flow, ack, holes) in acks {
+        for (flow, ack, sack) in acks {
             let id = self.new_id(usize::MAX);
-            let mut p = tcp_packet(TCP_ACK_LEN + 8 * holes.len(), id, TCP_ACK, flow, ack);
-            for (k, h) in holes.iter().enumerate() {
+            let words: Vec<u64> = [sack.highest.unwrap_or(u64::MAX), sack.received_above]
+                .into_iter()
+                .chain(sack.holes.iter().copied())
+                .collect();
+            let mut p = tcp_packet(TCP_ACK_LEN + 8 * words.len(), id, TCP_ACK, flow, ack);
+            for (k, w) in words.iter().enumerate() {
                 let at = TCP_MARK_AT + 10 + 8 * k;
-                p[at..at + 8].copy_from_slice(&h.to_be_bytes());
+                p[at..at + 8].copy_from_slice(&w.to_be_bytes());
             }
             self.hub.handle_outbound(&p, now);
         }

@@ -1,14 +1,17 @@
 //! A model of one TCP connection for the simulator: a CUBIC sender (slow start with
-//! HyStart's delay check, NewReno-style fast retransmit and recovery, a retransmission
-//! timeout) and a receiver that acknowledges every segment.
+//! HyStart's delay check, SACK-based recovery, a retransmission timeout) and a receiver that
+//! acknowledges every segment.
 //!
-//! It is a model, not Linux: no SACK (one hole is repaired per round trip), no pacing (the
-//! sender sends as the window opens, in bursts like an unpaced Linux sender), no receive
-//! window. It keeps the parts that decide how a single download fares through a bond: how
-//! fast slow start ramps, when HyStart ends it (a round whose first RTT samples sit 4-16 ms
-//! above the lowest RTT seen), how a loss shrinks the window (to 0.7) and how the window
-//! grows back (the cubic curve, or Reno's pace when that is faster). Constants follow
-//! Linux's `tcp_cubic.c`.
+//! It is a model, not Linux: no pacing (the sender sends as the window opens, in bursts like
+//! an unpaced Linux sender), no receive window, no PRR (in recovery it sends whenever RFC
+//! 6675's pipe is under the window). It keeps the parts that decide how a single download
+//! fares through a bond: how fast slow start ramps, when HyStart ends it (a round whose
+//! first RTT samples sit 4-16 ms above the lowest RTT seen), how a loss shrinks the window
+//! (to 0.7) and how the window grows back (the cubic curve, or Reno's pace when that is
+//! faster), and how recovery treats a burst of losses: SACK tells the sender which segments
+//! arrived (so they leave the pipe), every hole is sent again in one round trip, and a
+//! repair lost too is sent again after a round trip (RACK) rather than after the timeout.
+//! Constants follow Linux's `tcp_cubic.c`.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,6 +29,18 @@ const HYSTART_SAMPLES: u32 = 8;
 /// Lowest retransmission timeout.
 const MIN_RTO: Duration = Duration::from_millis(200);
 
+/// What an ACK says beyond its cumulative number (SACK): the highest segment received, how
+/// many above the cumulative number arrived, and the first holes below the highest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sack {
+    /// Highest segment received (`None`: none above the cumulative ACK).
+    pub highest: Option<u64>,
+    /// Segments received above the cumulative ACK.
+    pub received_above: u64,
+    /// The first missing segments (at most the receiver's limit).
+    pub holes: Vec<u64>,
+}
+
 /// The sending side of the connection.
 #[derive(Debug)]
 pub struct TcpSender {
@@ -38,6 +53,10 @@ pub struct TcpSender {
     /// Send time of each segment from `snd_una` on, and whether it was sent again.
     sent: VecDeque<(Instant, bool)>,
     dupacks: u32,
+    /// From the last ACK: segments received above `snd_una`, and segments missing below the
+    /// highest received that were not sent again (lost, not in flight).
+    sacked: u64,
+    lost: u64,
     /// In recovery until `snd_una` reaches this.
     recover: Option<u64>,
     /// Segments to send again before new ones.
@@ -94,6 +113,8 @@ impl TcpSender {
             ssthresh: f64::INFINITY,
             sent: VecDeque::new(),
             dupacks: 0,
+            sacked: 0,
+            lost: 0,
             recover: None,
             rtx: VecDeque::new(),
             resent: BTreeSet::new(),
@@ -125,8 +146,10 @@ impl TcpSender {
 
     /// The next segment the window lets out now (a repair first), recording it as sent.
     pub fn poll_send(&mut self, now: Instant) -> Option<u64> {
-        // While recovering, each duplicate ACK says a segment left the network.
-        let in_flight = (self.next_seq - self.snd_una) as f64 - f64::from(self.dupacks);
+        // In flight: what was sent and neither arrived (SACK) nor is lost (RFC 6675's pipe;
+        // a hole sent again is in flight again).
+        let in_flight =
+            (self.next_seq - self.snd_una).saturating_sub(self.sacked + self.lost) as f64;
         if in_flight >= self.cwnd.floor().max(1.0) && self.rtx.is_empty() {
             return None;
         }
@@ -181,12 +204,14 @@ impl TcpSender {
         self.rto_at = Some(now + 2 * self.rto());
     }
 
-    /// A cumulative ACK: every segment below `ack` arrived; `holes` (SACK) lists segments
-    /// above `ack` that have not, below the highest one that has.
-    pub fn on_ack(&mut self, ack: u64, holes: &[u64], now: Instant) {
-        if ack > self.next_seq {
+    /// A cumulative ACK: every segment below `ack` arrived; `sack` says which above it did.
+    pub fn on_ack(&mut self, ack: u64, sack: &Sack, now: Instant) {
+        // Beyond what was sent, or overtaken by a later ACK (its SACK counts are relative to
+        // an older cumulative point): ignored.
+        if ack > self.next_seq || ack < self.snd_una {
             return;
         }
+        let holes = &sack.holes[..];
         if ack > self.snd_una {
             let newly = ack - self.snd_una;
             if let Some(&(at, again)) = self.sent.get((ack - 1 - self.snd_una) as usize) {
@@ -238,14 +263,45 @@ impl TcpSender {
             }
         }
         // With SACK, every hole is sent again in the same round trip (once per recovery).
+        // A repair still missing a round trip (and a quarter) after it left, while later
+        // segments keep arriving, was lost too: it goes again (RACK, RFC 8985), rather than
+        // waiting for the retransmission timeout.
         if let Some(r) = self.recover {
+            let rack_wait = self.srtt.unwrap_or(MIN_RTO) * 5 / 4;
             for &h in holes {
-                if h > self.snd_una && h < r && !self.rtx.contains(&h) && !self.resent.contains(&h)
-                {
-                    self.rtx.push_back(h);
+                if h < self.snd_una || h >= r || self.rtx.contains(&h) {
+                    continue;
+                }
+                if !self.resent.contains(&h) {
+                    if h > self.snd_una {
+                        self.rtx.push_back(h);
+                    }
+                } else if let Some(&(at, true)) = self.sent.get((h - self.snd_una) as usize) {
+                    if now.saturating_duration_since(at) >= rack_wait {
+                        self.rtx.push_back(h);
+                    }
                 }
             }
         }
+        // The pipe: segments above the cumulative ACK that arrived, and the holes below the
+        // highest that are lost and not yet sent again.
+        let above = self.snd_una.max(ack);
+        self.sacked = sack.received_above;
+        let missing = sack.highest.map_or(0, |h| {
+            (h + 1)
+                .saturating_sub(above)
+                .saturating_sub(sack.received_above)
+        });
+        // (An ACK overtaken by a later one can name a highest below `snd_una`.)
+        let resent_missing = match sack.highest {
+            Some(h) if h >= above => self.resent.range(above..=h).count() as u64,
+            _ => 0,
+        };
+        self.lost = if self.recover.is_some() {
+            missing.saturating_sub(resent_missing)
+        } else {
+            0
+        };
         self.stats.max_cwnd = self.stats.max_cwnd.max(self.cwnd);
     }
 
@@ -341,6 +397,15 @@ impl TcpReceiver {
         self.rcv_next
     }
 
+    /// What the next ACK tells beyond its cumulative number, with at most `max` holes.
+    pub fn sack(&self, max: usize) -> Sack {
+        Sack {
+            highest: self.out_of_order.last().copied(),
+            received_above: self.out_of_order.len() as u64,
+            holes: self.holes(max),
+        }
+    }
+
     /// Up to `max` segments missing between the in-order point and the highest received
     /// (what SACK blocks tell the sender).
     pub fn holes(&self, max: usize) -> Vec<u64> {
@@ -391,7 +456,7 @@ mod tests {
             );
             for seq in sent {
                 let ack = r.on_segment(seq, now + rtt / 2);
-                s.on_ack(ack, &[], now + rtt);
+                s.on_ack(ack, &Sack::default(), now + rtt);
             }
         }
     }
@@ -408,7 +473,7 @@ mod tests {
         let later = t0 + Duration::from_millis(20);
         for seq in sent.into_iter().filter(|&q| q != 2) {
             let ack = r.on_segment(seq, later);
-            s.on_ack(ack, &r.holes(16), later);
+            s.on_ack(ack, &r.sack(16), later);
         }
         assert_eq!(s.stats.loss_events, 1);
         // Slow start grew the window by the two segments ACKed before the hole: 12 x 0.7.
@@ -417,9 +482,76 @@ mod tests {
         assert_eq!(s.poll_send(later), Some(2));
         let ack = r.on_segment(2, later + Duration::from_millis(10));
         assert_eq!(ack, 10);
-        s.on_ack(ack, &[], later + Duration::from_millis(20));
+        s.on_ack(ack, &Sack::default(), later + Duration::from_millis(20));
         assert_eq!(s.stats.loss_events, 1);
         assert_eq!(r.in_order_at(later + Duration::from_millis(10)), 10);
+    }
+
+    /// Segment 2 is lost and so is its repair: while later segments keep arriving, the
+    /// repair goes again a round trip and a quarter after it left (RACK), long before the
+    /// 200 ms timeout; SACKed segments leave the pipe, so new data flows meanwhile.
+    #[test]
+    fn a_lost_repair_is_sent_again_after_a_round_trip_not_a_timeout() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut s = TcpSender::new();
+        let mut r = TcpReceiver::default();
+        let mut deliver = |s: &mut TcpSender, seqs: &[u64], at: Instant| {
+            for &q in seqs {
+                let ack = r.on_segment(q, at);
+                s.on_ack(ack, &r.sack(16), at);
+            }
+        };
+        let first: Vec<u64> = std::iter::from_fn(|| s.poll_send(ms(0))).collect();
+        assert_eq!(first.len(), 10);
+        // RTT 20 ms; 2 is lost.
+        deliver(&mut s, &[0, 1, 3, 4, 5, 6, 7, 8, 9], ms(20));
+        assert_eq!(s.stats.loss_events, 1);
+        let burst: Vec<u64> = std::iter::from_fn(|| s.poll_send(ms(20))).collect();
+        assert_eq!(burst.first(), Some(&2), "the hole goes first: {burst:?}");
+        assert!(burst.len() > 1, "SACKed segments left the pipe: {burst:?}");
+        // The repair is lost too; the new segments arrive 20 ms later.
+        let new: Vec<u64> = burst[1..].to_vec();
+        deliver(&mut s, &new, ms(40));
+        assert_eq!(s.stats.retransmits, 1);
+        // A round trip and a quarter after the repair: 2 goes again.
+        let more: Vec<u64> = std::iter::from_fn(|| s.poll_send(ms(40))).collect();
+        deliver(&mut s, &more, ms(46));
+        let again: Vec<u64> = std::iter::from_fn(|| s.poll_send(ms(46))).collect();
+        assert_eq!(again.first(), Some(&2), "{again:?}");
+        assert_eq!(s.stats.retransmits, 2);
+        assert_eq!(s.stats.timeouts, 0);
+    }
+
+    /// ACKs cross the bond as latency-critical packets, on two links: an old one can come
+    /// after newer ones. Its SACK counts belong to an older cumulative point; taken as
+    /// current they would empty the pipe and let a window's worth more out at once.
+    #[test]
+    fn an_ack_overtaken_by_a_later_one_is_ignored() {
+        let t0 = Instant::now();
+        let at = t0 + Duration::from_millis(20);
+        let mut s = TcpSender::new();
+        let mut r = TcpReceiver::default();
+        while s.poll_send(t0).is_some() {}
+        // 1 is lost: 0 and 2-9 arrive; the last of those ACKs (cumulative 1, eight above)
+        // is the one that will come late.
+        let mut stale = None;
+        for q in [0, 2, 3, 4, 5, 6, 7, 8, 9] {
+            let ack = r.on_segment(q, at);
+            stale = Some((ack, r.sack(16)));
+            s.on_ack(ack, &r.sack(16), at);
+        }
+        let (old_ack, old_sack) = stale.expect("acks");
+        assert_eq!((old_ack, old_sack.received_above), (1, 8));
+        // The repair arrives, recovery ends; the window fills with new segments.
+        assert_eq!(s.poll_send(at), Some(1));
+        let later = at + Duration::from_millis(20);
+        let ack = r.on_segment(1, later);
+        s.on_ack(ack, &r.sack(16), later);
+        let sent = std::iter::from_fn(|| s.poll_send(later)).count();
+        assert!(sent > 0);
+        s.on_ack(old_ack, &old_sack, later);
+        assert_eq!(s.poll_send(later), None, "the old ACK opened the window");
     }
 
     #[test]

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 /// Sequence numbers from here on are refused: no sender reaches them (2^62 packets), and
 /// refusing them keeps every sum below free of overflow whatever a peer sends.
 pub const MAX_SEQ: u64 = 1 << 62;
+/// A first packet numbered up to this waits for the ones before it (see [`ReorderBuffer::insert`]):
+/// as many as a link's first NACK asks for.
+pub const FIRST_GAP_MAX: u64 = 64;
 
 /// Counters of the reorder buffer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -150,10 +153,12 @@ impl ReorderBuffer {
             return;
         }
         let window = self.window();
-        // A sender numbers from 0: a first packet numbered low means the ones before it were
-        // lost or overtaken, and are waited for like any gap. (A first packet numbered high
-        // means this side started while the sender was sending: start there.)
-        let next = *self.next.get_or_insert(if seq < window { 0 } else { seq });
+        // A sender numbers from 0: a first packet numbered at most FIRST_GAP_MAX means the
+        // ones before it were lost or overtaken, and are waited for like any gap. (Numbered
+        // higher, this side started while the sender was sending: start there.)
+        let next = *self
+            .next
+            .get_or_insert(if seq <= FIRST_GAP_MAX { 0 } else { seq });
         if seq < next {
             self.insert_old(seq, packet, next, now);
             return;
@@ -494,10 +499,11 @@ mod tests {
         r.insert(1, &pkt(1), t0 + Duration::from_millis(6));
         assert_eq!(drain(&mut r), vec![0, 1, 2]);
         assert_eq!(r.stats().late, 0);
-        // A receiver that starts while its peer is well into its numbering starts there.
-        let mut r = ReorderBuffer::new(64, 1 << 20, T);
-        r.insert(5000, &pkt(5000), t0);
-        assert_eq!(drain(&mut r), vec![5000]);
+        // A receiver that starts while its peer is further into its numbering starts there.
+        let mut r = ReorderBuffer::new(8192, 1 << 20, T);
+        r.insert(FIRST_GAP_MAX + 1, &pkt(65), t0);
+        assert_eq!(drain(&mut r), vec![FIRST_GAP_MAX + 1]);
+        assert_eq!(r.stats().skipped, 0);
     }
 
     #[test]

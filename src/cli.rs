@@ -74,7 +74,7 @@ fn parse_watch_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
         _ => Err(format!(
-            "`{s}` is not an interval: give seconds from 0.1 to 3600, e.g. `--watch 2`"
+            "`{s}` is not an interval: give seconds from 0.1 to 3600, e.g. `--watch 2` (an interface name goes before it: `show site --watch`)"
         )),
     }
 }

@@ -328,16 +328,18 @@ pub fn format_status(s: &InterfaceStatus) -> String {
 /// by interface name, peer public key and link id.
 pub type LinkRates = std::collections::HashMap<(String, String, u8), (u64, u64)>;
 
-/// The rates of every link found in both `before` and `after`, taken `secs` apart. A link
-/// whose counters went backwards (its daemon restarted) has none.
+/// The rates of every link found in both `before` and `after`, taken `secs` apart, counted
+/// as on the wire like the estimated `rate` (plaintext plus [`crate::bond::TUNNEL_OVERHEAD`]
+/// per data packet). A link of a daemon that restarted in between (another pid), or whose
+/// counters went backwards, has none.
 pub fn link_rates(before: &[InterfaceStatus], after: &[InterfaceStatus], secs: f64) -> LinkRates {
     let mut old = std::collections::HashMap::new();
     for i in before {
         for p in &i.peers {
             for l in &p.links {
                 old.insert(
-                    (i.name.clone(), p.public_key.clone(), l.id),
-                    (l.tx_bytes, l.rx_bytes),
+                    (i.name.clone(), i.pid, p.public_key.clone(), l.id),
+                    (l.tx_bytes, l.rx_bytes, l.tx_packets, l.rx_packets),
                 );
             }
         }
@@ -349,15 +351,26 @@ pub fn link_rates(before: &[InterfaceStatus], after: &[InterfaceStatus], secs: f
     for i in after {
         for p in &i.peers {
             for l in &p.links {
-                let key = (i.name.clone(), p.public_key.clone(), l.id);
-                let Some(&(tx0, rx0)) = old.get(&key) else {
+                let Some(&(tx0, rx0, txp0, rxp0)) =
+                    old.get(&(i.name.clone(), i.pid, p.public_key.clone(), l.id))
+                else {
                     continue;
                 };
-                if let (Some(tx), Some(rx)) =
-                    (l.tx_bytes.checked_sub(tx0), l.rx_bytes.checked_sub(rx0))
-                {
-                    let bps = |b: u64| (b as f64 * 8.0 / secs) as u64;
-                    rates.insert(key, (bps(tx), bps(rx)));
+                let grown = |now: u64, then: u64| now.checked_sub(then);
+                if let (Some(tx), Some(rx), Some(txp), Some(rxp)) = (
+                    grown(l.tx_bytes, tx0),
+                    grown(l.rx_bytes, rx0),
+                    grown(l.tx_packets, txp0),
+                    grown(l.rx_packets, rxp0),
+                ) {
+                    let overhead = crate::bond::TUNNEL_OVERHEAD as u64;
+                    let bps = |b: u64, n: u64| {
+                        (b.saturating_add(n.saturating_mul(overhead)) as f64 * 8.0 / secs) as u64
+                    };
+                    rates.insert(
+                        (i.name.clone(), p.public_key.clone(), l.id),
+                        (bps(tx, txp), bps(rx, rxp)),
+                    );
                 }
             }
         }
@@ -675,10 +688,29 @@ mod tests {
             text.contains("link cable [0]: up\n    now: 8.0 Mbit/s sent, 500 kbit/s received"),
             "{text}"
         );
-        // Counters that went backwards (the daemon restarted) give no rate, nor does a link
-        // the first snapshot did not have.
-        let rates = link_rates(&[after], std::slice::from_ref(&before), 2.0);
+        // Counters that went backwards, or another daemon (pid) with counters that have
+        // already passed the old ones, give no rate, nor does a link the first snapshot did
+        // not have.
+        let rates = link_rates(
+            std::slice::from_ref(&after),
+            std::slice::from_ref(&before),
+            2.0,
+        );
         assert!(rates.is_empty(), "{rates:?}");
-        assert!(link_rates(&[], &[before], 2.0).is_empty());
+        let restarted = InterfaceStatus {
+            pid: 4242,
+            ..after.clone()
+        };
+        assert!(link_rates(std::slice::from_ref(&before), &[restarted], 2.0).is_empty());
+        assert!(link_rates(&[], std::slice::from_ref(&before), 2.0).is_empty());
+        // Each data packet counts its 60 bytes of WireGuard/UDP/IP as well, as `rate` does:
+        // 1000 packets of 1000 bytes in a second are 8.48 Mbit/s on the wire.
+        let mut a = before.clone();
+        let mut b = before;
+        a.peers[0].links[0].tx_packets = 5;
+        b.peers[0].links[0].tx_packets = 1005;
+        b.peers[0].links[0].tx_bytes += 1_000_000;
+        let rates = link_rates(&[a], &[b], 1.0);
+        assert_eq!(rates.get(&key(0)).map(|r| r.0), Some(8_480_000));
     }
 }

@@ -151,7 +151,11 @@ pub fn watch(name: Option<&str>, secs: f64) -> Result<(), String> {
     let tty = std::io::stdout().is_terminal();
     let mut last: Option<(std::time::Instant, Vec<InterfaceStatus>)> = None;
     loop {
-        let statuses = statuses(name)?;
+        // A daemon that is restarting or down is reported, and watched for again.
+        let (statuses, missing) = match statuses(name) {
+            Ok(s) => (s, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
         let now = std::time::Instant::now();
         let rates = last
             .as_ref()
@@ -166,15 +170,18 @@ pub fn watch(name: Option<&str>, secs: f64) -> Result<(), String> {
             text.push('\n');
         }
         text.push_str(&format!(
-            "every {secs} s (Ctrl-C to stop){}\n\n",
+            "{} UTC, every {secs} s (Ctrl-C to stop){}\n\n",
+            utc_time_of_day(std::time::SystemTime::now()),
             if last.is_none() {
                 "; rates from the next one on"
             } else {
                 ""
             }
         ));
-        if statuses.is_empty() {
-            text.push_str("no wgbond interface is up\n");
+        match missing {
+            Some(e) => text.push_str(&format!("{e}\n")),
+            None if statuses.is_empty() => text.push_str("no wgbond interface is up\n"),
+            None => {}
         }
         let parts: Vec<String> = statuses
             .iter()
@@ -194,6 +201,15 @@ pub fn watch(name: Option<&str>, secs: f64) -> Result<(), String> {
         last = Some((now, statuses));
         std::thread::sleep(Duration::from_secs_f64(secs));
     }
+}
+
+/// "14:03:07" of a wall-clock time, in UTC (the header of each status `--watch` prints).
+fn utc_time_of_day(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// Logs to stderr: journald adds its own timestamps, so they are left out under systemd.
@@ -216,4 +232,16 @@ fn init_logging(verbose: u8) {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_headers_show_the_utc_time_of_day() {
+        let t =
+            std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 14 * 3600 + 3 * 60 + 7);
+        assert_eq!(utc_time_of_day(t), "14:03:07");
+    }
 }

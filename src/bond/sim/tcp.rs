@@ -154,7 +154,10 @@ impl TcpSender {
             return None;
         }
         if let Some(seq) = self.rtx.pop_front() {
-            self.resent.insert(seq);
+            // A lost hole sent again is in flight again (a RACK repeat was counted so already).
+            if self.resent.insert(seq) {
+                self.lost = self.lost.saturating_sub(1);
+            }
             if let Some(slot) = self.sent.get_mut((seq - self.snd_una) as usize) {
                 *slot = (now, true);
             }
@@ -268,6 +271,13 @@ impl TcpSender {
         // waiting for the retransmission timeout.
         if let Some(r) = self.recover {
             let rack_wait = self.srtt.unwrap_or(MIN_RTO) * 5 / 4;
+            // When the newest segment that arrived was sent: a repair sent after it may well
+            // still be on its way.
+            let newest_arrived = sack
+                .highest
+                .and_then(|h| h.checked_sub(self.snd_una))
+                .and_then(|k| self.sent.get(k as usize))
+                .map(|&(at, _)| at);
             for &h in holes {
                 if h < self.snd_una || h >= r || self.rtx.contains(&h) {
                     continue;
@@ -277,7 +287,9 @@ impl TcpSender {
                         self.rtx.push_back(h);
                     }
                 } else if let Some(&(at, true)) = self.sent.get((h - self.snd_una) as usize) {
-                    if now.saturating_duration_since(at) >= rack_wait {
+                    if now.saturating_duration_since(at) >= rack_wait
+                        && newest_arrived.is_some_and(|n| n > at)
+                    {
                         self.rtx.push_back(h);
                     }
                 }
@@ -292,8 +304,12 @@ impl TcpSender {
                 .saturating_sub(above)
                 .saturating_sub(sack.received_above)
         });
-        // (An ACK overtaken by a later one can name a highest below `snd_una`.)
+        // Holes sent again are in flight, not lost. The ACK lists the first holes only; when
+        // it lists them all, count exactly, else every repair below the highest.
         let resent_missing = match sack.highest {
+            _ if holes.len() as u64 == missing => {
+                holes.iter().filter(|h| self.resent.contains(h)).count() as u64
+            }
             Some(h) if h >= above => self.resent.range(above..=h).count() as u64,
             _ => 0,
         };

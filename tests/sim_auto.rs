@@ -438,3 +438,31 @@ fn the_first_packets_of_a_bond_lost_on_a_link_are_repaired_and_waited_for() {
     assert_eq!(r.lost, 0);
     assert_eq!(r.out_of_order, 0);
 }
+
+#[test]
+fn a_queue_standing_on_the_faster_link_counts_in_its_arrival_time() {
+    // The fast link is the smaller one (15 Mbit/s, 10 ms; slow 20 Mbit/s, 35 ms) and a
+    // 28 Mbit/s stream needs both. Packets on the fast link wait there until they arrive with
+    // the slow link's, 35 ms after they were made, plus the few milliseconds of queue the
+    // pacer lets stand at the fast link's bottleneck. Unless the scheduler counts that queue,
+    // it sends too much on the slow link, its packets wait for the fast link's at the
+    // receiver, and the whole stream is late by it (40.4 ms; a BBR sender's rate falls by a
+    // fifth in the lab).
+    let links = vec![LinkSpec::new(15.0, 10), LinkSpec::new(20.0, 35)];
+    let mut sim = Sim::new(Mode::Auto, &links, 1);
+    sim.run_until(0.5);
+    let b = sim.start_source(28.0, 1400);
+    sim.run_until(8.0);
+    let r = sim.report_source(b, 4.0, 7.5);
+    println!(
+        "28 Mbit/s over 15 + 20 Mbit/s: latency p50 {:?}, p99 {:?}, {} lost",
+        r.latency_p50, r.latency_p99, r.lost
+    );
+    assert!(
+        r.latency_p50 <= Duration::from_micros(37_500),
+        "{:?}",
+        r.latency_p50
+    );
+    assert_eq!(r.lost, 0);
+    assert_eq!(r.out_of_order, 0);
+}

@@ -425,6 +425,15 @@ impl LinkEstimator {
     /// delay over the recent minimum), if the peer has reported any. Reported every feedback
     /// interval and smoothed over every packet, so it is both faster and steadier than the
     /// RTT probes.
+    /// Queueing delay at the link's bottleneck beyond its jitter, as the peer measures it
+    /// (zero before it reports any). The cruise phase lets up to [`STANDING_QUEUE`] stand,
+    /// and a slightly high estimate builds one; the prediction from our own sends misses it.
+    pub fn measured_queue(&self) -> Duration {
+        self.owd_queue().map_or(Duration::ZERO, |q| {
+            q.saturating_sub(self.jitter_allowance())
+        })
+    }
+
     fn owd_queue(&self) -> Option<Duration> {
         let (o, m) = (self.owd_us?, self.min_owd_us?);
         Some(Duration::from_micros(u64::from(

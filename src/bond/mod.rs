@@ -500,7 +500,13 @@ impl Bond {
                 }
                 _ => l.est.min_rtt().unwrap_or(Duration::from_millis(100)) / 2,
             };
-            let owd = base_owd;
+            // Plus the queue standing at the link's bottleneck: a packet sent there arrives
+            // that much later than the base delay says. Left out, the scheduler puts too much
+            // on the other link, whose packets then wait for this one's at the receiver, and
+            // every packet of the stream is late by it (4 ms of 40 with a 15 Mbit/s fast link
+            // in the simulator); BBR senders, whose window is twice the lowest RTT's worth,
+            // lose a fifth of their rate to those milliseconds.
+            let owd = base_owd + l.est.measured_queue();
             self.cands.push(Candidate {
                 index,
                 state: l.est.state(),

@@ -328,7 +328,9 @@ fn late_packets_stretch_the_reorder_timeout_only_as_far_as_they_needed() {
         r.max_reorder_wait
     );
     assert!(late > 0, "the scenario must produce late packets");
-    assert!(late <= 20, "{late} late packets");
+    // (7 late with a longest wait of 225 ms before the scheduler counted a link's measured
+    // standing queue; 21 with waits of at most 131 ms after: fewer packets wait, less long.)
+    assert!(late <= 30, "{late} late packets");
     assert!(peak <= 2 * r.max_reorder_wait, "timeout {peak:?}");
 }
 
@@ -465,4 +467,31 @@ fn a_queue_standing_on_the_faster_link_counts_in_its_arrival_time() {
     );
     assert_eq!(r.lost, 0);
     assert_eq!(r.out_of_order, 0);
+}
+
+#[test]
+fn light_traffic_after_a_congested_spell_goes_back_to_the_fast_link() {
+    // The fast link slows to 15 Mbit/s under a 70 Mbit/s load, its 200 ms buffer fills, then
+    // the load ends. The queue the peer measured there is stale once no data crosses the
+    // link: counted, it would keep light traffic on the 35 ms link for good.
+    let links = vec![
+        LinkSpec::new(60.0, 10).queue_ms(200).rate_change(2.5, 15.0),
+        LinkSpec::new(20.0, 35),
+    ];
+    let mut sim = Sim::new(Mode::Auto, &links, 1);
+    sim.run_until(0.5);
+    let b = sim.start_source(95.0, 1400);
+    sim.run_until(3.0);
+    sim.set_source_rate(b, 1.0);
+    sim.run_until(8.0);
+    let r = sim.report_source(b, 6.0, 7.5);
+    println!(
+        "1 Mbit/s after a congested spell: latency p50 {:?}, p99 {:?}",
+        r.latency_p50, r.latency_p99
+    );
+    assert!(
+        r.latency_p50 <= Duration::from_millis(15),
+        "{:?}",
+        r.latency_p50
+    );
 }

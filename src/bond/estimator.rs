@@ -421,12 +421,8 @@ impl LinkEstimator {
         self.round().max(Duration::from_millis(40))
     }
 
-    /// Queueing delay on the link as the peer's one-way-delay measurements show it (smoothed
-    /// delay over the recent minimum), if the peer has reported any. Reported every feedback
-    /// interval and smoothed over every packet, so it is both faster and steadier than the
-    /// RTT probes.
-    /// Queueing delay at the link's bottleneck beyond its jitter, as the peer measures it
-    /// (zero before it reports any). The cruise phase lets up to [`STANDING_QUEUE`] stand,
+    /// Queueing delay at the link's bottleneck beyond its jitter, as the peer last measured it
+    /// on our data (zero before any). The cruise phase lets up to [`STANDING_QUEUE`] stand,
     /// and a slightly high estimate builds one; the prediction from our own sends misses it.
     pub fn measured_queue(&self) -> Duration {
         self.owd_queue().map_or(Duration::ZERO, |q| {
@@ -434,6 +430,10 @@ impl LinkEstimator {
         })
     }
 
+    /// Queueing delay on the link as the peer's one-way-delay measurements show it (smoothed
+    /// delay over the recent minimum), if the peer has reported any. Reported every feedback
+    /// interval and smoothed over every packet, so it is both faster and steadier than the
+    /// RTT probes.
     fn owd_queue(&self) -> Option<Duration> {
         let (o, m) = (self.owd_us?, self.min_owd_us?);
         Some(Duration::from_micros(u64::from(

@@ -288,6 +288,8 @@ struct Link {
     /// Last time an ordered packet (one the peer's reorder buffer may wait for) was queued
     /// here: the peer is told when this link starts carrying ordered data after a quiet spell.
     tx_ordered_at: Option<Instant>,
+    /// When a data packet last left on this link.
+    last_data_sent: Option<Instant>,
     stats: LinkStats,
 }
 
@@ -441,6 +443,7 @@ impl Bond {
             next_hello: now,
             app_limited: true,
             tx_ordered_at: None,
+            last_data_sent: None,
         });
         self.links.sort_by_key(|l| l.id);
     }
@@ -500,13 +503,19 @@ impl Bond {
                 }
                 _ => l.est.min_rtt().unwrap_or(Duration::from_millis(100)) / 2,
             };
-            // Plus the queue standing at the link's bottleneck: a packet sent there arrives
-            // that much later than the base delay says. Left out, the scheduler puts too much
-            // on the other link, whose packets then wait for this one's at the receiver, and
-            // every packet of the stream is late by it (4 ms of 40 with a 15 Mbit/s fast link
-            // in the simulator); BBR senders, whose window is twice the lowest RTT's worth,
-            // lose a fifth of their rate to those milliseconds.
-            let owd = base_owd + l.est.measured_queue();
+            // Plus the queue standing at the link's bottleneck, as the peer measures it on our
+            // data: a packet sent there arrives that much later than the base delay says. Left
+            // out, the scheduler puts too much on the other link, whose packets then wait for
+            // this one's at the receiver, and every packet of the stream is late by it (4 ms of
+            // 40 with a 15 Mbit/s fast link in the simulator); BBR senders, whose window is
+            // twice the lowest RTT's worth, lose a fifth of their rate to those milliseconds.
+            // A queue nothing was added to since our last send has drained by at least the time
+            // since (else a figure left from a congested spell would keep light traffic off the
+            // link for good).
+            let idle = l
+                .last_data_sent
+                .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+            let owd = base_owd + l.est.measured_queue().saturating_sub(idle);
             self.cands.push(Candidate {
                 index,
                 state: l.est.state(),
@@ -1273,6 +1282,7 @@ impl Bond {
                 .max(now - PACING_BURST.min(now.saturating_duration_since(self.epoch)))
                 + tx;
             l.stats.tx_packets += 1;
+            l.last_data_sent = Some(now);
             l.stats.tx_bytes += buf.len() as u64;
             let id = l.id;
             self.rr = (i + 1) % n;

@@ -425,9 +425,12 @@ impl LinkEstimator {
     /// on our data (zero before any). The cruise phase lets up to [`STANDING_QUEUE`] stand,
     /// and a slightly high estimate builds one; the prediction from our own sends misses it.
     pub fn measured_queue(&self) -> Duration {
-        self.owd_queue().map_or(Duration::ZERO, |q| {
-            q.saturating_sub(self.jitter_allowance())
-        })
+        self.owd_queue_excess().unwrap_or(Duration::ZERO)
+    }
+
+    /// The peer-measured queue beyond the link's jitter, if the peer has reported any.
+    fn owd_queue_excess(&self) -> Option<Duration> {
+        Some(self.owd_queue()?.saturating_sub(self.jitter_allowance()))
     }
 
     /// Queueing delay on the link as the peer's one-way-delay measurements show it (smoothed
@@ -449,12 +452,10 @@ impl LinkEstimator {
 
     /// Queueing delay beyond the link's jitter.
     fn queue_excess(&self) -> Duration {
-        match self.owd_queue() {
-            Some(q) => q.saturating_sub(self.jitter_allowance()),
-            None => self
-                .min_rtt()
-                .map_or(Duration::ZERO, |m| self.latest_rtt.saturating_sub(m)),
-        }
+        self.owd_queue_excess().unwrap_or_else(|| {
+            self.min_rtt()
+                .map_or(Duration::ZERO, |m| self.latest_rtt.saturating_sub(m))
+        })
     }
 
     /// The queue is longer than our probing ever builds: the link has slowed down.

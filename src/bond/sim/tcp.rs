@@ -297,21 +297,22 @@ impl TcpSender {
         }
         // The pipe: segments above the cumulative ACK that arrived, and the holes below the
         // highest that are lost and not yet sent again.
-        let above = self.snd_una.max(ack);
+        // (After the early return and the update above, `ack` is `snd_una`.)
+        let una = self.snd_una;
         self.sacked = sack.received_above;
         let missing = sack.highest.map_or(0, |h| {
             (h + 1)
-                .saturating_sub(above)
+                .saturating_sub(una)
                 .saturating_sub(sack.received_above)
         });
         // Holes sent again are in flight, not lost. The ACK lists the first holes only; when
         // it lists them all, count exactly, else every repair below the highest.
-        let resent_missing = match sack.highest {
-            _ if holes.len() as u64 == missing => {
-                holes.iter().filter(|h| self.resent.contains(h)).count() as u64
-            }
-            Some(h) if h >= above => self.resent.range(above..=h).count() as u64,
-            _ => 0,
+        let resent_missing = if holes.len() as u64 == missing {
+            holes.iter().filter(|h| self.resent.contains(h)).count() as u64
+        } else {
+            sack.highest
+                .filter(|&h| h >= una)
+                .map_or(0, |h| self.resent.range(una..=h).count() as u64)
         };
         self.lost = if self.recover.is_some() {
             missing.saturating_sub(resent_missing)

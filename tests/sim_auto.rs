@@ -409,7 +409,7 @@ fn five_percent_loss_on_the_fast_link_costs_a_tcp_download_little() {
         runs.iter().map(|r| format!("{:.1}", r.0)).collect::<Vec<_>>(),
         mean / clean
     );
-    assert!(mean / clean >= 0.68, "{} of loss-free", mean / clean);
+    assert!(mean / clean >= 0.72, "{} of loss-free", mean / clean);
     assert!(gone <= 12, "{gone} gaps given up for good");
 }
 
@@ -494,4 +494,42 @@ fn light_traffic_after_a_congested_spell_goes_back_to_the_fast_link() {
         "{:?}",
         r.latency_p50
     );
+}
+
+#[test]
+fn loss_on_one_of_two_alike_links_is_repaired_before_tcp_sees_it() {
+    // Two links alike in delay (10 and 12 ms): the reorder timeout from their spread is a few
+    // milliseconds, and a lost packet's repair takes a round trip after its loss shows. Two
+    // things let it come in time: the gap the NACK asks about is held until a repair can come
+    // (counted from the NACK, not from the first packet after the gap, which on the other link
+    // may arrive before the lost one was even sent), and a link whose queue runs dry tells the
+    // peer its last packet, so a loss just before a pause shows at once, not a round trip later.
+    // Before them: 9 and 29 gaps given up in the 8 seeds, downloads at 45 and 20 Mbit/s
+    // (without the holds alone: 2 gaps given up at 5 %, two downloads at 22-24 Mbit/s).
+    let alike = |loss: f64| {
+        vec![
+            LinkSpec::new(30.0, 10).loss_pct(loss),
+            LinkSpec::new(30.0, 12),
+        ]
+    };
+    let (clean, ..) = tcp_download(&alike(0.0), 1);
+    for loss in [5.0, 15.0] {
+        let runs: Vec<(f64, u64, u64)> = (1..=8)
+            .map(|seed| tcp_download(&alike(loss), seed))
+            .collect();
+        let mean = runs.iter().map(|r| r.0).sum::<f64>() / runs.len() as f64;
+        let skips: u64 = runs.iter().map(|r| r.1).sum();
+        println!(
+            "CUBIC download, {loss} % loss on one of two alike links: {mean:.1} Mbit/s mean of 8 seeds ({:?}) = {:.3} of loss-free {clean:.1}; {skips} gaps skipped",
+            runs.iter().map(|r| format!("{:.1}", r.0)).collect::<Vec<_>>(),
+            mean / clean
+        );
+        if loss == 5.0 {
+            assert!(mean / clean >= 0.85, "{} of loss-free", mean / clean);
+            assert_eq!(skips, 0);
+        } else {
+            assert!(mean / clean >= 0.55, "{} of loss-free", mean / clean);
+            assert!(skips <= 8, "{skips} gaps skipped");
+        }
+    }
 }

@@ -633,6 +633,15 @@ impl RxLinkMeter {
         keep_recent_min(&mut self.min_owd, owd_us, now);
     }
 
+    /// Records the sender's notice that `link_seq` was the last data packet it sent (those
+    /// not seen up to it were lost, and asked for).
+    pub fn on_tail(&mut self, link_seq: u32) {
+        if self.packets == 0 || (link_seq.wrapping_sub(self.highest_link_seq) as i32) > 0 {
+            self.highest_link_seq = link_seq;
+            self.dirty = true;
+        }
+    }
+
     /// Records the one-way delay of a probe (same clocks as data). Kept apart from the data's
     /// minimum, which the sender compares with queued data's delay.
     pub fn on_probe(&mut self, owd_us: u32, now: Instant) {
@@ -649,6 +658,17 @@ impl RxLinkMeter {
             .or(self.probe_min_owd)
             .or(self.min_owd)
             .map(|(m, _)| m)
+    }
+
+    /// How much later than its base delay data arrives on this link now (smoothed): the
+    /// queue standing on the way to us.
+    pub fn queue(&self, now: Instant) -> Duration {
+        match (self.owd, self.base_owd(now)) {
+            (Some((o, _)), Some(b)) => {
+                Duration::from_micros(u64::from((o.wrapping_sub(b) as i32).max(0) as u32))
+            }
+            _ => Duration::ZERO,
+        }
     }
 
     /// Smoothed one-way delay (wrapping, relative) and jitter, microseconds.

@@ -244,6 +244,10 @@ const NACK_TWICE_LOSS: f64 = 0.01;
 /// RTT is at most this much longer than the fastest link's: the one-way bound for copies
 /// ([`scheduler::COPY_MAX_EXTRA_DELAY`]), both ways.
 const SECOND_CHANCE_MAX: Duration = scheduler::COPY_MAX_EXTRA_DELAY.saturating_mul(2);
+/// A link that loses packets and whose queue ran dry tells the peer its last link sequence
+/// number this long after its last data packet, unless more data follows: TCP refills a queue
+/// within a millisecond or two while it has a window open, and a notice per pause is enough.
+const TAIL_DELAY: Duration = Duration::from_millis(2);
 
 struct Queued {
     seq: u64,
@@ -290,6 +294,12 @@ struct Link {
     tx_ordered_at: Option<Instant>,
     /// When a data packet last left on this link.
     last_data_sent: Option<Instant>,
+    /// Bond sequence number of the last ordered, first-time packet received on this link.
+    rx_last_seq: Option<u64>,
+    /// An ordered packet kept for a NACK left since the last tail notice.
+    tail_pending: bool,
+    /// When to tell the peer this link's last link sequence number (its queue ran dry).
+    tail_at: Option<Instant>,
     stats: LinkStats,
 }
 
@@ -444,6 +454,9 @@ impl Bond {
             app_limited: true,
             tx_ordered_at: None,
             last_data_sent: None,
+            rx_last_seq: None,
+            tail_pending: false,
+            tail_at: None,
         });
         self.links.sort_by_key(|l| l.id);
     }
@@ -527,6 +540,7 @@ impl Bond {
                 },
                 owd,
                 loss: l.est.loss(),
+                repair: l.est.min_rtt().unwrap_or(Duration::from_millis(100)),
             });
         }
     }
@@ -597,15 +611,18 @@ impl Bond {
     fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) -> bool {
         self.fill_candidates(now, false);
         let targets = scheduler::choose(self.config.mode, &self.cands, false);
-        let flags = if targets.is_duplicate() {
-            wire::FLAG_DUPLICATE
-        } else {
-            0
-        };
         let mut data = data;
         let mut sent = false;
         let budget = self.config.max_queue_delay;
-        for &i in targets.as_slice() {
+        for (k, &i) in targets.as_slice().iter().enumerate() {
+            // In `auto`, the first copy of a lossy link's packet stays unflagged: kept, it is
+            // repaired like any other if it is lost and its copy does not come (the copy may
+            // be dropped in the other link's queue, or late).
+            let flags = if targets.is_duplicate() && (k > 0 || self.config.mode != Mode::Auto) {
+                wire::FLAG_DUPLICATE
+            } else {
+                0
+            };
             if self.cands[i].queue_delay > budget {
                 self.links[i].stats.queue_drops += 1;
                 continue;
@@ -736,7 +753,14 @@ impl Bond {
         }
         match msg {
             Message::Data { packet, trailer } => {
-                self.nack_gap(i, trailer.link_seq, now);
+                // A link carries its ordered packets in sequence order (repairs aside): a loss
+                // it shows lies between the last one seen on it and this one.
+                let in_order = trailer.flags & (wire::FLAG_UNORDERED | wire::FLAG_RESENT) == 0;
+                let hi = if in_order { trailer.seq } else { u64::MAX };
+                self.nack_gap(i, trailer.link_seq, hi, now);
+                if in_order {
+                    self.links[i].rx_last_seq = Some(trailer.seq);
+                }
                 let owd = self.micros(now).wrapping_sub(trailer.send_time_us);
                 self.links[i]
                     .rx
@@ -785,8 +809,10 @@ impl Bond {
     }
 
     /// A link delivers in order: a jump in its sequence numbers means the packets between were
-    /// lost. Ask the sender for them at once, on this link and on the fastest other one.
-    fn nack_gap(&mut self, i: usize, link_seq: u32, now: Instant) {
+    /// lost. Ask the sender for them at once, on this link and on the fastest other one, and
+    /// hold the gaps they may fill (bond sequence numbers after the link's last ordered packet
+    /// and before `hi`) until the repair can come.
+    fn nack_gap(&mut self, i: usize, link_seq: u32, hi: u64, now: Instant) {
         let rx = &self.links[i].rx;
         // A link numbers its packets from 0: the first one to arrive numbered a little above
         // that says the ones before it were lost.
@@ -815,6 +841,11 @@ impl Bond {
             if self.links[j].est.loss() > NACK_TWICE_LOSS {
                 self.push_control(j, &nack);
             }
+        }
+        if let Some(w) = self.repair_wait(now) {
+            let lo = self.links[i].rx_last_seq.unwrap_or(0);
+            let w = w.min(self.config.reorder_max_wait);
+            self.reorder.hold(lo, hi, now + w);
         }
         let first_in_a_while = self
             .last_nack
@@ -999,6 +1030,15 @@ impl Bond {
                     self.update_reorder_timeout(now);
                 }
             }
+            Control::Tail { link_seq, .. } => {
+                // About the link it came on (it follows that link's data), whose packets
+                // after the highest one seen, up to this one, were lost.
+                let rx = &self.links[i].rx;
+                if rx.packets == 0 || (link_seq.wrapping_sub(rx.highest_link_seq) as i32) > 0 {
+                    self.nack_gap(i, link_seq.wrapping_add(1), u64::MAX, now);
+                    self.links[i].rx.on_tail(link_seq);
+                }
+            }
             Control::Hello(h) => {
                 self.learn_peer_bond_id(h.bond_id, now);
                 self.links[i].stats.name.clone_from(&h.name);
@@ -1045,6 +1085,7 @@ impl Bond {
             self.late_seen = self.reorder.stats().late;
             for l in &mut self.links {
                 l.rx.reset();
+                l.rx_last_seq = None;
                 l.est = LinkEstimator::new(now, l.config.max_rate_bps);
                 l.app_limited = true;
             }
@@ -1080,6 +1121,16 @@ impl Bond {
                     self.send_again(again, now, false);
                     self.reschedule(&mut q, now);
                 }
+            }
+            if self.links[i].tail_at.is_some_and(|t| now >= t) {
+                let l = &mut self.links[i];
+                l.tail_at = None;
+                l.tail_pending = false;
+                let tail = Control::Tail {
+                    link_id: id.0,
+                    link_seq: l.link_seq.wrapping_sub(1),
+                };
+                self.push_control(i, &tail);
             }
             if now >= self.links[i].next_probe {
                 let l = &mut self.links[i];
@@ -1194,36 +1245,43 @@ impl Bond {
             .last_nack
             .is_some_and(|at| now.saturating_duration_since(at) < NACK_RECENT)
         {
-            // As a retransmission timer would: a round trip plus four deviations. NACKs and
-            // repairs also go by the second-fastest link, so a repair that meets one more
-            // loss (likely on a link losing 5 %) takes half a round trip on each, unless that
-            // link is so slow (a satellite) that TCP would have sent it again by then.
-            let (mut first, mut second): (Option<(Duration, Duration)>, Option<_>) = (None, None);
-            for l in self.links.iter().filter(|l| l.est.usable()) {
-                let Some(r) = l.est.srtt() else {
-                    continue;
-                };
-                let v = l.est.rttvar();
-                if first.is_none_or(|(f, _)| r < f) {
-                    second = first;
-                    first = Some((r, v));
-                } else if second.is_none_or(|(s, _)| r < s) {
-                    second = Some((r, v));
-                }
-            }
-            let rto = match (first, second) {
-                (Some((r1, v1)), Some((r2, v2))) if r2 <= r1 + SECOND_CHANCE_MAX => {
-                    Some((r1 + r2) / 2 + 4 * v1.max(v2))
-                }
-                (Some((r1, v1)), _) => Some(r1 + 4 * v1),
-                (None, _) => None,
-            };
-            if let Some(rto) = rto {
-                t = t.max(rto + MIN_REORDER_WAIT);
+            if let Some(w) = self.repair_wait(now) {
+                t = t.max(w);
             }
         }
         self.reorder
             .set_timeout(t.min(self.config.reorder_max_wait));
+    }
+
+    /// How long a repair takes to come after the receiver asks for it: as a retransmission
+    /// timer would wait, a round trip plus four deviations. NACKs and repairs also go by the
+    /// second-fastest link, so a repair that meets one more loss (likely on a link losing 5 %)
+    /// takes half a round trip on each, unless that link is so slow (a satellite) that TCP
+    /// would have sent it again by then. The repair also waits behind the queue standing on
+    /// its way to us, which the smoothed RTT of the occasional probe follows only slowly.
+    fn repair_wait(&self, now: Instant) -> Option<Duration> {
+        let (mut first, mut second): (Option<(Duration, Duration)>, Option<_>) = (None, None);
+        for l in self.links.iter().filter(|l| l.est.usable()) {
+            let Some(r) = l.est.srtt() else {
+                continue;
+            };
+            let r = r + l.rx.queue(now);
+            let v = l.est.rttvar();
+            if first.is_none_or(|(f, _)| r < f) {
+                second = first;
+                first = Some((r, v));
+            } else if second.is_none_or(|(s, _)| r < s) {
+                second = Some((r, v));
+            }
+        }
+        let rto = match (first, second) {
+            (Some((r1, v1)), Some((r2, v2))) if r2 <= r1 + SECOND_CHANCE_MAX => {
+                (r1 + r2) / 2 + 4 * v1.max(v2)
+            }
+            (Some((r1, v1)), _) => r1 + 4 * v1,
+            (None, _) => return None,
+        };
+        Some(rto + MIN_REORDER_WAIT)
     }
 
     /// The next datagram to send: its plaintext is written to `buf`. Control messages go at
@@ -1283,6 +1341,16 @@ impl Bond {
                 + tx;
             l.stats.tx_packets += 1;
             l.last_data_sent = Some(now);
+            // Kept for a NACK (below) on a link that loses packets: if it is the last for a
+            // while, the peer learns of its loss only from the tail notice.
+            if q.flags & (wire::FLAG_UNORDERED | wire::FLAG_DUPLICATE) == 0 && l.est.loss() > 0.0 {
+                l.tail_pending = true;
+            }
+            l.tail_at = (l.tail_pending
+                && l.queue.is_empty()
+                && l.urgent.is_empty()
+                && l.resend.is_empty())
+            .then(|| now + TAIL_DELAY);
             l.stats.tx_bytes += buf.len() as u64;
             let id = l.id;
             self.rr = (i + 1) % n;
@@ -1345,6 +1413,9 @@ impl Bond {
         }
         for l in &self.links {
             min(l.next_probe);
+            if let Some(at) = l.tail_at {
+                min(at);
+            }
             if let Some(d) = l.est.dead_deadline() {
                 min(d);
             }

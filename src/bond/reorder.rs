@@ -68,7 +68,20 @@ pub struct ReorderBuffer {
     last_skip: Option<(Instant, Duration)>,
     /// How long the last late packet's gap would have had to wait for it.
     late_need: Duration,
+    /// Gaps the receiver asked a repair for, held past the timeout (see [`ReorderBuffer::hold`]).
+    holds: VecDeque<Hold>,
 }
+
+/// Missing packets numbered between `lo` and `hi` (exclusive) wait until `until`.
+#[derive(Clone, Copy, Debug)]
+struct Hold {
+    lo: u64,
+    hi: u64,
+    until: Instant,
+}
+
+/// Most holds kept (one per NACK; they last a round trip).
+const MAX_HOLDS: usize = 256;
 
 impl ReorderBuffer {
     /// A buffer holding at most `max_packets` (rounded up to a power of two) and `max_bytes`.
@@ -92,7 +105,32 @@ impl ReorderBuffer {
             stats: ReorderStats::default(),
             last_skip: None,
             late_need: Duration::ZERO,
+            holds: VecDeque::new(),
         }
+    }
+
+    /// Makes a missing packet numbered between `lo` and `hi` (exclusive) wait until `until`,
+    /// however long the packets after it have waited: the receiver asked for it again, and the
+    /// repair comes a round trip after that request. The timeout counts from the first packet
+    /// after the gap to arrive, which on another link can come well before the loss shows.
+    pub fn hold(&mut self, lo: u64, hi: u64, until: Instant) {
+        if self.holds.len() >= MAX_HOLDS {
+            self.holds.pop_front();
+        }
+        self.holds.push_back(Hold { lo, hi, until });
+    }
+
+    /// Until when the missing packet `seq` is held, if it is.
+    fn held_until(&mut self, seq: u64) -> Option<Instant> {
+        // Holds end in about the order they were made; one wholly below `seq` is done with.
+        while self.holds.front().is_some_and(|h| h.hi <= seq) {
+            self.holds.pop_front();
+        }
+        self.holds
+            .iter()
+            .filter(|h| h.lo < seq && seq < h.hi)
+            .map(|h| h.until)
+            .max()
     }
 
     /// How long the gap of the last packet that came late would have had to wait for it (the
@@ -144,6 +182,7 @@ impl ReorderBuffer {
         self.next = None;
         self.last_skip = None;
         self.late_need = Duration::ZERO;
+        self.holds.clear();
     }
 
     /// Takes one received packet.
@@ -320,7 +359,8 @@ impl ReorderBuffer {
             let still_buffered =
                 seq >= next && self.slots[idx].as_ref().is_some_and(|s| s.seq == seq);
             if still_buffered {
-                return Some(at + self.timeout);
+                let due = at + self.timeout;
+                return Some(self.held_until(next).map_or(due, |h| h.max(due)));
             }
             self.arrivals.pop_front();
         }
@@ -329,15 +369,16 @@ impl ReorderBuffer {
 
     /// Skips every gap whose waiting packets have waited long enough.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.holds.retain(|h| h.until > now);
         while let Some(deadline) = self.deadline() {
             if deadline > now {
                 break;
             }
-            let Some(&(seq, _)) = self.arrivals.front() else {
+            let Some(&(seq, at)) = self.arrivals.front() else {
                 break;
             };
             // Everything before the longest-waiting packet is given up on.
-            self.last_skip = Some((deadline, self.timeout));
+            self.last_skip = Some((deadline, deadline.saturating_duration_since(at)));
             self.advance_to(seq, now);
             self.release_run(now);
         }
@@ -460,6 +501,29 @@ mod tests {
             assert_eq!(drain(&mut r), vec![s]);
         }
         assert_eq!(r.deadline(), None);
+    }
+
+    #[test]
+    fn a_held_gap_waits_past_the_timeout_for_its_repair_and_others_do_not() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = ReorderBuffer::new(64, 1 << 20, T);
+        r.insert(0, &pkt(0), t0);
+        r.insert(2, &pkt(2), t0 + ms(1));
+        // The loss of 1 shows late; its repair comes 30 ms after the NACK.
+        r.hold(0, 2, t0 + ms(20) + T);
+        assert_eq!(r.deadline(), Some(t0 + ms(50)));
+        r.handle_timeout(t0 + ms(40));
+        assert_eq!(drain(&mut r), vec![0]);
+        r.insert(1, &pkt(1), t0 + ms(45));
+        assert_eq!(drain(&mut r), vec![1, 2]);
+        assert_eq!(r.stats().skipped, 0);
+        // A gap outside every hold is given up at the timeout as before.
+        r.insert(4, &pkt(4), t0 + ms(46));
+        assert_eq!(r.deadline(), Some(t0 + ms(46) + T));
+        r.handle_timeout(t0 + ms(46) + T);
+        assert_eq!(drain(&mut r), vec![4]);
+        assert_eq!(r.stats().skipped, 1);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Candidate {
     pub owd: Duration,
     /// Measured loss rate.
     pub loss: f64,
+    /// How long after its expected arrival a packet lost on this link comes again by a NACK
+    /// repair: about the link's round trip.
+    pub repair: Duration,
 }
 
 impl Candidate {
@@ -61,7 +64,15 @@ impl Targets {
         }
     }
 
-    /// The chosen link indexes.
+    /// A second copy on a link already chosen (sent right behind the first).
+    fn push_again(&mut self, i: usize) {
+        if self.len < MAX_TARGETS {
+            self.idx[self.len] = i;
+            self.len += 1;
+        }
+    }
+
+    /// The chosen link indexes (a link twice: two copies on it).
     pub fn as_slice(&self) -> &[usize] {
         &self.idx[..self.len]
     }
@@ -123,15 +134,31 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
                 return t;
             };
             t.push(first.index);
-            if let Some(second) = earliest(cands.iter().filter(eligible), Some(first.index)) {
-                // A copy for what matters, and for what crosses a lossy link when another
-                // link has room: duplication must not eat the capacity bulk traffic needs.
-                if critical
-                    || (first.loss > LOSSY
-                        && second.queue_delay <= SPARE
-                        && second.owd.saturating_sub(first.owd) <= COPY_MAX_EXTRA_DELAY)
-                {
+            let second = earliest(cands.iter().filter(eligible), Some(first.index));
+            if critical {
+                if let Some(second) = second {
                     t.push(second.index);
+                }
+                return t;
+            }
+            // A lossy link's packet gets a copy while the bond has room to spare (a copy must
+            // not eat the capacity bulk traffic needs): a repair costs the packets behind the
+            // lost one a round trip of waiting, which TCP's slow start takes for congestion
+            // and leaves early (lab: CUBIC left it at 28 packets instead of 150). On the other
+            // link if the copy arrives there before a repair could (a copy that comes after
+            // the repair fills no gap sooner: lab, 5 % loss on a 10 ms link copied to a 35 ms
+            // one, 8 Mbit/s of the 20 went to copies), else right behind the original on the
+            // same link (random losses rarely take both).
+            if first.loss > LOSSY && first.queue_delay <= SPARE {
+                match second {
+                    Some(second)
+                        if second.queue_delay <= SPARE
+                            && second.arrival() < first.arrival() + first.repair
+                            && second.owd.saturating_sub(first.owd) <= COPY_MAX_EXTRA_DELAY =>
+                    {
+                        t.push(second.index);
+                    }
+                    _ => t.push_again(first.index),
                 }
             }
         }
@@ -199,6 +226,7 @@ mod tests {
             queue_delay: Duration::from_millis(q_ms),
             owd: Duration::from_millis(owd_ms),
             loss: 0.0,
+            repair: Duration::from_millis(30),
         }
     }
 
@@ -238,6 +266,18 @@ mod tests {
         assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
         c[0].loss = 0.1;
         assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 1]);
+        // A copy on the other link that would arrive after a repair of the original is not
+        // worth its room: the copy goes right behind the original on the same link.
+        c[0].repair = Duration::from_millis(15);
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 0]);
+        // Likewise when the other link has no room.
+        c[0].repair = Duration::from_millis(30);
+        c[1].queue_delay = Duration::from_millis(5);
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 0]);
+        // No copy at all while the first link is backed up: bulk traffic needs the room.
+        c[0].queue_delay = Duration::from_millis(5);
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0]);
+        assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
     }
 
     #[test]

@@ -86,6 +86,16 @@ pub enum Control {
         /// The link, as the data's sender numbers it.
         link_id: u8,
     },
+    /// The last data packet the sender put on this link before it went quiet. A loss shows
+    /// as a gap when the next packet on the link arrives; the last one before a pause has no
+    /// next packet for a while (a round trip, in TCP's slow start), and its repair would come
+    /// after the reorder timeout. Sent a little after the link's queue ran dry.
+    Tail {
+        /// The link, as the data's sender numbers it.
+        link_id: u8,
+        /// Link sequence number of the last data packet sent on it.
+        link_seq: u32,
+    },
 }
 
 /// A run of packets missing on one link, by link sequence number: the packets after it on the
@@ -233,6 +243,7 @@ mod ctype {
     pub(super) const FEEDBACK: u8 = 5;
     pub(super) const NACK: u8 = 6;
     pub(super) const ORDERED_ON: u8 = 7;
+    pub(super) const TAIL: u8 = 8;
 }
 
 /// Length of the IP packet at the start of `buf`, from its header, checked against `buf`.
@@ -376,6 +387,10 @@ fn decode_control(buf: &[u8]) -> Result<Control, DecodeError> {
             })
         }
         ctype::ORDERED_ON => Control::OrderedOn { link_id: r.u8()? },
+        ctype::TAIL => Control::Tail {
+            link_id: r.u8()?,
+            link_seq: r.u32()?,
+        },
         _ => return Err(DecodeError::UnknownType),
     };
     if !r.is_empty() {
@@ -464,6 +479,11 @@ pub fn encode_control(msg: &Control, out: &mut Vec<u8>) {
         Control::OrderedOn { link_id } => {
             out.push(ctype::ORDERED_ON);
             out.push(*link_id);
+        }
+        Control::Tail { link_id, link_seq } => {
+            out.push(ctype::TAIL);
+            out.push(*link_id);
+            out.extend_from_slice(&link_seq.to_be_bytes());
         }
     }
     let total = out.len() as u16;
@@ -608,6 +628,10 @@ mod tests {
                 count: MAX_NACK_RUN,
             }),
             Control::OrderedOn { link_id: 3 },
+            Control::Tail {
+                link_id: 2,
+                link_seq: u32::MAX,
+            },
         ]
     }
 

@@ -20,8 +20,12 @@ fn packet(proto: u8, len: usize, n: u32) -> Vec<u8> {
 }
 
 fn bond(site: bool, id: u64, now: Instant) -> Bond {
+    bond_in(Mode::Stripe, site, id, now)
+}
+
+fn bond_in(mode: Mode, site: bool, id: u64, now: Instant) -> Bond {
     let cfg = BondConfig {
-        mode: Mode::Stripe,
+        mode,
         sends_hello: site,
         bond_id: id,
         ..BondConfig::default()
@@ -212,6 +216,27 @@ fn pump_dropping(
     n
 }
 
+/// 2 s of hub -> site packets (400 bytes, 1 ms apart) of which one in 20 is lost, then 100 ms
+/// to settle; returns the loss the hub measured on the link.
+fn lose_one_in_20(hub: &mut Bond, site: &mut Bond, t: &mut Instant) -> f64 {
+    let mut k = 0u32;
+    let mut every_20th = || {
+        k += 1;
+        k % 20 == 0
+    };
+    for n in 0..2000u32 {
+        *t += Duration::from_millis(1);
+        hub.handle_outbound(&packet(17, 400, n), *t);
+        pump_dropping(hub, site, *t, 400, &mut every_20th);
+    }
+    let loss = hub.link_stats()[0].1.loss;
+    for _ in 0..100 {
+        *t += Duration::from_millis(1);
+        pump_dropping(hub, site, *t, 400, &mut || false);
+    }
+    loss
+}
+
 #[test]
 fn a_packet_lost_just_before_a_pause_is_repaired_without_waiting_for_the_next() {
     // A loss shows when the next packet on the link arrives; the last one before a pause has
@@ -224,24 +249,9 @@ fn a_packet_lost_just_before_a_pause_is_repaired_without_waiting_for_the_next() 
     let mut hub = bond(false, 2, t0);
     let got = send(&mut hub, &mut site, &mut t, 200);
     assert!(got >= 190, "link set up: {got}");
-    // The hub learns that the link loses packets: one data packet in 20 is dropped.
-    let mut k = 0u32;
-    let mut every_20th = || {
-        k += 1;
-        k % 20 == 0
-    };
-    for n in 0..2000u32 {
-        t += Duration::from_millis(1);
-        hub.handle_outbound(&packet(17, 400, n), t);
-        pump_dropping(&mut hub, &mut site, t, 400, &mut every_20th);
-    }
-    let loss = hub.link_stats()[0].1.loss;
+    let loss = lose_one_in_20(&mut hub, &mut site, &mut t);
     assert!(loss > 0.0, "the hub measures the link's loss: {loss}");
-    // Settle, then a burst of five whose last packet is lost, and a pause.
-    for _ in 0..100 {
-        t += Duration::from_millis(1);
-        pump_dropping(&mut hub, &mut site, t, 400, &mut || false);
-    }
+    // A burst of five whose last packet is lost, and a pause.
     let mut sent = 0;
     let mut lose_fifth = || {
         sent += 1;
@@ -259,5 +269,42 @@ fn a_packet_lost_just_before_a_pause_is_repaired_without_waiting_for_the_next() 
     assert_eq!(
         delivered, 5,
         "the lost fifth came again within 10 ms of silence"
+    );
+}
+
+#[test]
+fn a_lossy_links_copy_right_behind_its_original_fills_the_gap_without_a_repair() {
+    // `auto` on a link that loses packets, with room to spare: each packet goes twice, the
+    // second right behind the first. When the first is lost and its copy arrives, the NACK the
+    // gap raises must not bring the packet a third time.
+    let t0 = Instant::now();
+    let mut t = t0;
+    let mut site = bond_in(Mode::Auto, true, 1, t0);
+    let mut hub = bond_in(Mode::Auto, false, 2, t0);
+    send(&mut hub, &mut site, &mut t, 200);
+    let loss = lose_one_in_20(&mut hub, &mut site, &mut t);
+    assert!(loss > 0.03, "the link counts as lossy: {loss}");
+    let copies = hub.link_stats()[0].1.tx_duplicates;
+    let resent = hub.link_stats()[0].1.retransmits;
+    // One packet, then another so that nothing waits on a tail: the first one's original is lost.
+    let mut sent = 0;
+    let mut lose_first = || {
+        sent += 1;
+        sent == 1
+    };
+    let mut delivered = 0;
+    for n in 0..2u32 {
+        hub.handle_outbound(&packet(17, 400, 20_000 + n), t);
+        for _ in 0..5 {
+            delivered += pump_dropping(&mut hub, &mut site, t, 400, &mut lose_first);
+            t += Duration::from_millis(1);
+        }
+    }
+    let st = &hub.link_stats()[0].1;
+    assert_eq!(st.tx_duplicates, copies + 2, "each packet went twice");
+    assert_eq!(delivered, 2);
+    assert_eq!(
+        st.retransmits, resent,
+        "the copy filled the gap: nothing sent again"
     );
 }

@@ -636,7 +636,7 @@ impl RxLinkMeter {
     /// Records the sender's notice that `link_seq` was the last data packet it sent (those
     /// not seen up to it were lost, and asked for).
     pub fn on_tail(&mut self, link_seq: u32) {
-        if self.packets == 0 || (link_seq.wrapping_sub(self.highest_link_seq) as i32) > 0 {
+        if self.packets > 0 && (link_seq.wrapping_sub(self.highest_link_seq) as i32) > 0 {
             self.highest_link_seq = link_seq;
             self.dirty = true;
         }

@@ -261,6 +261,8 @@ struct SentRecord {
     seq: u64,
     at: Instant,
     data: Vec<u8>,
+    /// A copy of it went right behind it on the same link (a lossy link with room to spare).
+    copy_next: bool,
 }
 
 struct Link {
@@ -366,11 +368,12 @@ pub struct Bond {
 impl Bond {
     /// A bond with no links yet.
     pub fn new(config: BondConfig, now: Instant) -> Self {
-        let reorder = ReorderBuffer::new(
+        let mut reorder = ReorderBuffer::new(
             config.reorder_max_packets,
             config.reorder_max_bytes,
             config.reorder_max_wait.min(Duration::from_millis(50)),
         );
+        reorder.set_max_wait(config.reorder_max_wait);
         Self {
             config,
             epoch: now,
@@ -415,6 +418,7 @@ impl Bond {
     ) {
         self.config.probe_interval = probe_interval;
         self.config.reorder_max_wait = reorder_max_wait;
+        self.reorder.set_max_wait(reorder_max_wait);
         self.config.max_queue_delay = max_queue_delay;
     }
 
@@ -753,13 +757,20 @@ impl Bond {
         }
         match msg {
             Message::Data { packet, trailer } => {
-                // A link carries its ordered packets in sequence order (repairs aside): a loss
-                // it shows lies between the last one seen on it and this one.
-                let in_order = trailer.flags & (wire::FLAG_UNORDERED | wire::FLAG_RESENT) == 0;
-                let hi = if in_order { trailer.seq } else { u64::MAX };
+                // A link carries its ordered packets in sequence order, repairs (sent ahead,
+                // with their old numbers) aside: a loss it shows lies between the highest one
+                // seen on it and this one, if this one is higher.
+                let ordered = trailer.flags & (wire::FLAG_UNORDERED | wire::FLAG_RESENT) == 0;
+                let last = self.links[i].rx_last_seq;
+                let hi = if ordered && last.is_none_or(|l| trailer.seq > l) {
+                    trailer.seq
+                } else {
+                    u64::MAX
+                };
                 self.nack_gap(i, trailer.link_seq, hi, now);
-                if in_order {
-                    self.links[i].rx_last_seq = Some(trailer.seq);
+                if ordered {
+                    self.links[i].rx_last_seq =
+                        Some(last.map_or(trailer.seq, |l| l.max(trailer.seq)));
                 }
                 let owd = self.micros(now).wrapping_sub(trailer.send_time_us);
                 self.links[i]
@@ -864,12 +875,15 @@ impl Bond {
             return;
         };
         let mut found = Vec::new();
-        for k in 0..u32::from(n.count.min(wire::MAX_NACK_RUN)) {
+        let count = u32::from(n.count.min(wire::MAX_NACK_RUN));
+        for k in 0..count {
             let ls = n.first_link_seq.wrapping_add(k);
             let sent = &mut self.links[j].sent;
             let at = sent.partition_point(|r| (r.link_seq.wrapping_sub(ls) as i32) < 0);
             if let Some(r) = sent.get_mut(at) {
-                if r.link_seq == ls && !r.data.is_empty() {
+                // Its copy right behind it was not reported missing: it arrived.
+                let copy_arrived = r.copy_next && k + 1 >= count;
+                if r.link_seq == ls && !r.data.is_empty() && !copy_arrived {
                     found.push((r.seq, std::mem::take(&mut r.data)));
                 }
             }
@@ -1030,11 +1044,15 @@ impl Bond {
                     self.update_reorder_timeout(now);
                 }
             }
-            Control::Tail { link_seq, .. } => {
+            Control::Tail { link_id, link_seq } => {
                 // About the link it came on (it follows that link's data), whose packets
-                // after the highest one seen, up to this one, were lost.
+                // after the highest one seen, up to this one, were lost. (Before any packet
+                // on the link, the first data packet shows the gap before it.)
                 let rx = &self.links[i].rx;
-                if rx.packets == 0 || (link_seq.wrapping_sub(rx.highest_link_seq) as i32) > 0 {
+                if link_id == self.links[i].id.0
+                    && rx.packets > 0
+                    && (link_seq.wrapping_sub(rx.highest_link_seq) as i32) > 0
+                {
                     self.nack_gap(i, link_seq.wrapping_add(1), u64::MAX, now);
                     self.links[i].rx.on_tail(link_seq);
                 }
@@ -1368,6 +1386,7 @@ impl Bond {
                     seq: q.seq,
                     at: now,
                     data: q.data,
+                    copy_next: false,
                 });
                 // Expired buffers go straight back to the pool (a field apart from `links`, so
                 // no Vec in between: this runs for every packet).
@@ -1383,6 +1402,13 @@ impl Bond {
                     }
                 }
             } else {
+                if let Some(r) = l
+                    .sent
+                    .back_mut()
+                    .filter(|r| r.seq == q.seq && r.link_seq == trailer.link_seq.wrapping_sub(1))
+                {
+                    r.copy_next = true;
+                }
                 self.give_buf(q.data);
             }
             return Some(Transmit { link: id });

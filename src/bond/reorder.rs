@@ -70,6 +70,8 @@ pub struct ReorderBuffer {
     late_need: Duration,
     /// Gaps the receiver asked a repair for, held past the timeout (see [`ReorderBuffer::hold`]).
     holds: VecDeque<Hold>,
+    /// Longest any packet waits, holds included.
+    max_wait: Duration,
 }
 
 /// Missing packets numbered between `lo` and `hi` (exclusive) wait until `until`.
@@ -106,7 +108,14 @@ impl ReorderBuffer {
             last_skip: None,
             late_need: Duration::ZERO,
             holds: VecDeque::new(),
+            max_wait: Duration::MAX,
         }
+    }
+
+    /// Sets the longest any packet waits for a gap, holds included (the timeout is set below
+    /// it by the caller).
+    pub fn set_max_wait(&mut self, max_wait: Duration) {
+        self.max_wait = max_wait;
     }
 
     /// Makes a missing packet numbered between `lo` and `hi` (exclusive) wait until `until`,
@@ -360,7 +369,9 @@ impl ReorderBuffer {
                 seq >= next && self.slots[idx].as_ref().is_some_and(|s| s.seq == seq);
             if still_buffered {
                 let due = at + self.timeout;
-                return Some(self.held_until(next).map_or(due, |h| h.max(due)));
+                let held = self.held_until(next).map_or(due, |h| h.max(due));
+                let limit = at.checked_add(self.max_wait.max(self.timeout));
+                return Some(limit.map_or(held, |l| held.min(l)));
             }
             self.arrivals.pop_front();
         }
@@ -377,9 +388,29 @@ impl ReorderBuffer {
             let Some(&(seq, at)) = self.arrivals.front() else {
                 break;
             };
-            // Everything before the longest-waiting packet is given up on.
+            let Some(next) = self.next else {
+                break;
+            };
+            // Everything before the longest-waiting packet is given up on, but for a gap
+            // further on that a hold still covers: the skip stops there, and that gap's own
+            // deadline is checked next. (Past the longest wait, holds no longer count.)
+            let within = at
+                .checked_add(self.max_wait.max(self.timeout))
+                .is_none_or(|l| now < l);
+            let stop = if within {
+                self.holds
+                    .iter()
+                    .filter(|h| {
+                        h.until > now && h.lo + 1 < h.hi && h.hi > next + 1 && h.lo + 1 < seq
+                    })
+                    .map(|h| (h.lo + 1).max(next + 1))
+                    .min()
+                    .filter(|&s| s < seq)
+            } else {
+                None
+            };
             self.last_skip = Some((deadline, deadline.saturating_duration_since(at)));
-            self.advance_to(seq, now);
+            self.advance_to(stop.unwrap_or(seq), now);
             self.release_run(now);
         }
     }
@@ -524,6 +555,35 @@ mod tests {
         r.handle_timeout(t0 + ms(46) + T);
         assert_eq!(drain(&mut r), vec![4]);
         assert_eq!(r.stats().skipped, 1);
+    }
+
+    #[test]
+    fn a_skip_stops_at_a_held_gap_further_on_and_holds_end_at_the_longest_wait() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = ReorderBuffer::new(64, 1 << 20, T);
+        r.set_max_wait(ms(100));
+        r.insert(0, &pkt(0), t0);
+        // 5 arrives first (a faster link); 1 is lost for good; this link's 2 and 4 show that
+        // 3 was lost on it, and the NACK holds 3.
+        r.insert(5, &pkt(5), t0 + ms(1));
+        r.insert(2, &pkt(2), t0 + ms(2));
+        r.insert(4, &pkt(4), t0 + ms(3));
+        r.hold(2, 4, t0 + ms(60));
+        assert_eq!(drain(&mut r), vec![0]);
+        // At 5's timeout 1 is given up and 2 goes out; 3 is still waited for.
+        r.handle_timeout(t0 + ms(1) + T);
+        assert_eq!(drain(&mut r), vec![2]);
+        assert_eq!(r.stats().skipped, 1);
+        assert_eq!(r.deadline(), Some(t0 + ms(60)));
+        r.insert(3, &pkt(3), t0 + ms(50));
+        assert_eq!(drain(&mut r), vec![3, 4, 5]);
+        // A hold never makes a packet wait beyond the longest wait.
+        r.insert(7, &pkt(7), t0 + ms(51));
+        r.hold(5, 7, t0 + ms(400));
+        assert_eq!(r.deadline(), Some(t0 + ms(151)));
+        r.handle_timeout(t0 + ms(151));
+        assert_eq!(drain(&mut r), vec![7]);
     }
 
     #[test]

@@ -583,6 +583,9 @@ impl LinkEstimator {
 pub struct RxLinkMeter {
     /// Highest link sequence number seen.
     pub highest_link_seq: u32,
+    /// Highest bond sequence number of an ordered packet seen on this link (repairs, which
+    /// come with their old numbers, do not lower it): a loss the link shows lies above it.
+    pub last_seq: Option<u64>,
     /// Packets received, cumulative.
     pub packets: u32,
     /// Bytes received, cumulative.

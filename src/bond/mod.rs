@@ -296,8 +296,6 @@ struct Link {
     tx_ordered_at: Option<Instant>,
     /// When a data packet last left on this link.
     last_data_sent: Option<Instant>,
-    /// Bond sequence number of the last ordered, first-time packet received on this link.
-    rx_last_seq: Option<u64>,
     /// An ordered packet kept for a NACK left since the last tail notice.
     tail_pending: bool,
     /// When to tell the peer this link's last link sequence number (its queue ran dry).
@@ -458,7 +456,6 @@ impl Bond {
             app_limited: true,
             tx_ordered_at: None,
             last_data_sent: None,
-            rx_last_seq: None,
             tail_pending: false,
             tail_at: None,
         });
@@ -761,7 +758,7 @@ impl Bond {
                 // with their old numbers) aside: a loss it shows lies between the highest one
                 // seen on it and this one, if this one is higher.
                 let ordered = trailer.flags & (wire::FLAG_UNORDERED | wire::FLAG_RESENT) == 0;
-                let last = self.links[i].rx_last_seq;
+                let last = self.links[i].rx.last_seq;
                 let hi = if ordered && last.is_none_or(|l| trailer.seq > l) {
                     trailer.seq
                 } else {
@@ -769,7 +766,7 @@ impl Bond {
                 };
                 self.nack_gap(i, trailer.link_seq, hi, now);
                 if ordered {
-                    self.links[i].rx_last_seq =
+                    self.links[i].rx.last_seq =
                         Some(last.map_or(trailer.seq, |l| l.max(trailer.seq)));
                 }
                 let owd = self.micros(now).wrapping_sub(trailer.send_time_us);
@@ -854,7 +851,7 @@ impl Bond {
             }
         }
         if let Some(w) = self.repair_wait(now) {
-            let lo = self.links[i].rx_last_seq.unwrap_or(0);
+            let lo = self.links[i].rx.last_seq.unwrap_or(0);
             let w = w.min(self.config.reorder_max_wait);
             self.reorder.hold(lo, hi, now + w);
         }
@@ -1103,7 +1100,6 @@ impl Bond {
             self.late_seen = self.reorder.stats().late;
             for l in &mut self.links {
                 l.rx.reset();
-                l.rx_last_seq = None;
                 l.est = LinkEstimator::new(now, l.config.max_rate_bps);
                 l.app_limited = true;
             }

@@ -28,6 +28,9 @@ pub const DEGRADED_LOSS: f64 = 0.10;
 /// Replies in a row needed before a link that was down is used again.
 const RECOVERY_REPLIES: u32 = 3;
 
+/// How far behind our sends the peer's feedback reports them, beyond the round trip: its
+/// feedback interval.
+const FEEDBACK_LAG: Duration = super::FEEDBACK_INTERVAL;
 /// Gain cycle once the capacity is known: probe above, drain below, cruise.
 const CYCLE_GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const STARTUP_GAIN: f64 = 2.0;
@@ -35,6 +38,24 @@ const STARTUP_GAIN: f64 = 2.0;
 const STANDING_QUEUE: Duration = Duration::from_millis(5);
 /// Queueing delay beyond the link's jitter that still counts as drained.
 const DRAINED_QUEUE: Duration = Duration::from_millis(2);
+
+/// What held a delivery-rate sample below the link's capacity, if anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Held {
+    /// Our queue for the link ran empty: too little traffic.
+    app: bool,
+    /// We paced below the estimate to drain a probe's queue.
+    drain: bool,
+}
+
+impl Held {
+    fn or(self, other: Held) -> Held {
+        Held {
+            app: self.app || other.app,
+            drain: self.drain || other.drain,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -74,8 +95,8 @@ pub struct LinkEstimator {
     last_feedback: Option<(u32, u32, u32, u64)>,
     /// Last delivery-rate sample taken while we kept the link busy.
     last_full_sample: Option<Instant>,
-    /// Start of the current delivery-rate sample: (receiver time, bytes, app-limited).
-    rate_base: Option<(u32, u64, bool)>,
+    /// Start of the current delivery-rate sample: (receiver time, bytes, what held it back).
+    rate_base: Option<(u32, u64, Held)>,
     /// Relative one-way delay and jitter the peer measured for this link, microseconds.
     owd_us: Option<i32>,
     min_owd_us: Option<i32>,
@@ -83,6 +104,8 @@ pub struct LinkEstimator {
     /// When the link's bottleneck (the modem) would have sent everything we gave it, if it
     /// runs at the estimated rate: our prediction of its queue.
     modem_busy_until: Instant,
+    /// When the last phase that paced below the estimate to drain a probe's queue ended.
+    drain_end: Option<Instant>,
 }
 
 impl LinkEstimator {
@@ -115,6 +138,7 @@ impl LinkEstimator {
             min_owd_us: None,
             jitter_us: 0,
             modem_busy_until: now,
+            drain_end: None,
         }
     }
 
@@ -263,13 +287,20 @@ impl LinkEstimator {
             .last_full_sample
             .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(1));
         if stale {
-            self.phase = Phase::Startup;
-            self.phase_start = now;
-            self.startup_best = 0;
-            self.startup_rounds_flat = 0;
+            self.restart(now);
             // Counts as busy from here: no second restart before the first sample.
             self.last_full_sample = Some(now);
         }
+    }
+
+    /// Finds the capacity again as at start-up. Samples from here on are startup's, not held
+    /// back by an earlier drain.
+    fn restart(&mut self, now: Instant) {
+        self.phase = Phase::Startup;
+        self.phase_start = now;
+        self.startup_best = 0;
+        self.startup_rounds_flat = 0;
+        self.drain_end = None;
     }
 
     /// We sent a probe.
@@ -312,10 +343,7 @@ impl LinkEstimator {
                     self.recovery_replies = 0;
                     self.state = LinkState::Up;
                     // Rediscover capacity: the link may have come back different.
-                    self.phase = Phase::Startup;
-                    self.phase_start = now;
-                    self.startup_best = 0;
-                    self.startup_rounds_flat = 0;
+                    self.restart(now);
                 }
             }
             LinkState::Probing => {
@@ -397,23 +425,45 @@ impl LinkEstimator {
             self.loss = l as f64 / s as f64;
         }
         let _ = (t0, by0);
+        let held = Held {
+            app: app_limited,
+            drain: self.drain_recent(now),
+        };
         // Delivery rate over at least one round: shorter samples are noisy, and a noisy
         // high sample in the max filter would pace above capacity and build a queue.
-        let (bt, bb, blimited) =
-            *self
-                .rate_base
-                .get_or_insert((recv_time_us, entry.bytes, app_limited));
-        let limited = blimited || app_limited;
+        let (bt, bb, bheld) = *self
+            .rate_base
+            .get_or_insert((recv_time_us, entry.bytes, held));
         let dt_us = u64::from(recv_time_us.wrapping_sub(bt));
         let bytes = entry.bytes.wrapping_sub(bb);
         if dt_us >= 10_000_000 || bytes >= 1 << 40 {
-            self.rate_base = Some((recv_time_us, entry.bytes, app_limited));
+            self.rate_base = Some((recv_time_us, entry.bytes, held));
         } else if dt_us as u128 >= self.sample_interval().as_micros() {
             let rate = bytes * 8 * 1_000_000 / dt_us.max(1);
-            self.rate_base = Some((recv_time_us, entry.bytes, false));
-            self.on_rate_sample(rate, now, limited);
-        } else if app_limited {
-            self.rate_base = Some((bt, bb, true));
+            self.rate_base = Some((recv_time_us, entry.bytes, Held::default()));
+            self.on_rate_sample(rate, now, bheld.or(held));
+        } else {
+            self.rate_base = Some((bt, bb, bheld.or(held)));
+        }
+    }
+
+    /// The link was paced below its estimate to drain (not because it slowed down) within
+    /// the time its packets take to show in feedback.
+    fn drain_recent(&self, now: Instant) -> bool {
+        if self.draining() {
+            return true;
+        }
+        let lag = self.srtt.unwrap_or(Duration::from_millis(100)) + 2 * FEEDBACK_LAG;
+        self.drain_end
+            .is_some_and(|t| now.saturating_duration_since(t) < lag)
+    }
+
+    /// Pacing below the estimate to take out a probe's queue (not a slowed link's).
+    fn draining(&self) -> bool {
+        match self.phase {
+            Phase::Drain => true,
+            Phase::Cycle(i) => CYCLE_GAINS[i] < 1.0 && !self.long_queue(),
+            Phase::Startup => false,
         }
     }
 
@@ -483,10 +533,16 @@ impl LinkEstimator {
         }
     }
 
-    fn on_rate_sample(&mut self, rate: u64, now: Instant, app_limited: bool) {
-        if !app_limited {
+    fn on_rate_sample(&mut self, rate: u64, now: Instant, held: Held) {
+        if !held.app {
             self.last_full_sample = Some(now);
         }
+        // What arrived while we paced below the estimate to drain shows our pacing, not the
+        // link (a backlog waited in our queue): kept only if above the estimate, as an
+        // app-limited sample. Taken as capacity, it pulled the estimate of a 20 Mbit/s link
+        // carrying 16 Mbit/s down to 0.75 of it, below the load, and the probes (app-limited
+        // at that load) never pushed it back up.
+        let app_limited = held.app || held.drain;
         if !app_limited && self.long_queue() && rate < self.est_rate_bps {
             // With a long queue at the bottleneck it is busy all the time: what it delivered
             // is its capacity now. Follow a slower link at once rather than after the window.
@@ -516,6 +572,14 @@ impl LinkEstimator {
 
     fn advance_phase(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.phase_start);
+        let was_draining = self.draining();
+        self.step_phase(now, elapsed);
+        if was_draining && !self.draining() {
+            self.drain_end = Some(now);
+        }
+    }
+
+    fn step_phase(&mut self, now: Instant, elapsed: Duration) {
         match self.phase {
             Phase::Startup => {
                 // A queue is building: the capacity has been found.
@@ -550,13 +614,13 @@ impl LinkEstimator {
                 }
             }
             Phase::Cycle(i) => {
-                // The pace-below phase lasts until the queue the probe built is gone (or
-                // four rounds), so no standing queue survives a cycle.
-                let done = if CYCLE_GAINS[i] < 1.0 {
-                    elapsed >= self.round() && (self.queue_drained() || elapsed >= 2 * self.round())
-                } else {
-                    elapsed >= self.round()
-                };
+                // Every phase lasts one round. The pace-below phase takes out what the probe
+                // before it put in (a quarter of a round's worth each way): longer, it would
+                // leave the link idle below a backlog, and near the sum of the links' rates a
+                // tenth of a round per cycle is more than the headroom (UDP at 90% of the sum
+                // lost 1% in our queues when it lasted until the peer saw the queue drained).
+                // A queue that stands anyway is drained by the cruise's 0.9.
+                let done = elapsed >= self.round();
                 if done {
                     let mut next = (i + 1) % CYCLE_GAINS.len();
                     // The last probe found more (the link got faster, or a backlog met spare
@@ -764,6 +828,76 @@ mod tests {
             );
         }
         assert_eq!(e.state(), LinkState::Up);
+    }
+
+    /// A link as the peer reports it: one feedback entry per 20 ms, no loss, no queue.
+    struct FakePeer {
+        t: Instant,
+        recv_us: u32,
+        bytes: u64,
+        seq: u32,
+    }
+
+    impl FakePeer {
+        /// For `steps` feedback intervals, the link delivers `rate(e)` bits per second;
+        /// `limited(e)` says our queue for it ran empty. Returns the lowest estimate seen.
+        fn deliver(
+            &mut self,
+            e: &mut LinkEstimator,
+            steps: u32,
+            rate: impl Fn(&LinkEstimator) -> u64,
+            limited: impl Fn(&LinkEstimator) -> bool,
+        ) -> u64 {
+            let mut lowest = u64::MAX;
+            for _ in 0..steps {
+                let (r, app) = (rate(e), limited(e));
+                self.t += Duration::from_millis(20);
+                self.recv_us = self.recv_us.wrapping_add(20_000);
+                self.bytes += r / 8 / 50;
+                self.seq = self.seq.wrapping_add(10);
+                let entry = crate::bond::wire::FeedbackEntry {
+                    link_id: 0,
+                    highest_link_seq: self.seq,
+                    packets: self.seq,
+                    bytes: self.bytes,
+                    owd_us: 0,
+                    jitter_us: 0,
+                    min_owd_us: 0,
+                };
+                e.on_rtt_sample(Duration::from_millis(70), self.t);
+                e.on_feedback(&entry, self.recv_us, self.t, app);
+                lowest = lowest.min(e.est_rate_bps());
+            }
+            lowest
+        }
+    }
+
+    #[test]
+    fn draining_below_a_light_load_does_not_pull_the_estimate_under_it() {
+        // A 20 Mbit/s, 70 ms link (LTE after the cable died) carrying 16 Mbit/s. At that load
+        // the probes find our queue empty (app-limited: they say nothing), but while the
+        // drain paces at 0.75 of the estimate a backlog forms and the link delivers only what
+        // we pace. Those samples are ours, not the link's: counted as capacity, they pulled
+        // the estimate under the load, and our queue for the link overflowed.
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(t0, None);
+        e.on_probe_sent(t0);
+        let mut peer = FakePeer {
+            t: t0,
+            recv_us: 0,
+            bytes: 0,
+            seq: 0,
+        };
+        // Full load first: the estimate finds the link's 20 Mbit/s.
+        let full = |e: &LinkEstimator| e.pacing_rate_bps().min(20_000_000);
+        peer.deliver(&mut e, 150, full, |_| false);
+        assert!(e.est_rate_bps() >= 19_000_000, "{}", e.est_rate_bps());
+        // Then 16 Mbit/s: paced below it (the drain), the link delivers the pacing rate with
+        // a backlog in our queue; else the load, our queue running empty.
+        let light = |e: &LinkEstimator| e.pacing_rate_bps().min(16_000_000);
+        let backlog = |e: &LinkEstimator| e.pacing_rate_bps() < 16_000_000;
+        let lowest = peer.deliver(&mut e, 250, light, |e| !backlog(e));
+        assert!(lowest >= 16_000_000, "the estimate fell to {lowest}");
     }
 
     #[test]

@@ -28,9 +28,6 @@ pub const DEGRADED_LOSS: f64 = 0.10;
 /// Replies in a row needed before a link that was down is used again.
 const RECOVERY_REPLIES: u32 = 3;
 
-/// How far behind our sends the peer's feedback reports them, beyond the round trip: its
-/// feedback interval.
-const FEEDBACK_LAG: Duration = super::FEEDBACK_INTERVAL;
 /// Gain cycle once the capacity is known: probe above, drain below, cruise.
 const CYCLE_GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const STARTUP_GAIN: f64 = 2.0;
@@ -453,7 +450,8 @@ impl LinkEstimator {
         if self.draining() {
             return true;
         }
-        let lag = self.srtt.unwrap_or(Duration::from_millis(100)) + 2 * FEEDBACK_LAG;
+        // Feedback reports our sends a round trip and up to a feedback interval late.
+        let lag = self.srtt.unwrap_or(Duration::from_millis(100)) + 2 * super::FEEDBACK_INTERVAL;
         self.drain_end
             .is_some_and(|t| now.saturating_duration_since(t) < lag)
     }

@@ -129,6 +129,11 @@ impl ReorderBuffer {
         self.holds.push_back(Hold { lo, hi, until });
     }
 
+    /// The latest a packet that arrived `at` waits, holds included (None: no limit).
+    fn wait_limit(&self, at: Instant) -> Option<Instant> {
+        at.checked_add(self.max_wait.max(self.timeout))
+    }
+
     /// Until when the missing packet `seq` is held, if it is.
     fn held_until(&mut self, seq: u64) -> Option<Instant> {
         // Holds end in about the order they were made; one wholly below `seq` is done with.
@@ -370,8 +375,7 @@ impl ReorderBuffer {
             if still_buffered {
                 let due = at + self.timeout;
                 let held = self.held_until(next).map_or(due, |h| h.max(due));
-                let limit = at.checked_add(self.max_wait.max(self.timeout));
-                return Some(limit.map_or(held, |l| held.min(l)));
+                return Some(self.wait_limit(at).map_or(held, |l| held.min(l)));
             }
             self.arrivals.pop_front();
         }
@@ -394,9 +398,7 @@ impl ReorderBuffer {
             // Everything before the longest-waiting packet is given up on, but for a gap
             // further on that a hold still covers: the skip stops there, and that gap's own
             // deadline is checked next. (Past the longest wait, holds no longer count.)
-            let within = at
-                .checked_add(self.max_wait.max(self.timeout))
-                .is_none_or(|l| now < l);
+            let within = self.wait_limit(at).is_none_or(|l| now < l);
             let stop = if within {
                 self.holds
                     .iter()

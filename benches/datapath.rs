@@ -91,6 +91,7 @@ fn receive_side(c: &mut Criterion) {
         send_time_us: (seq as u32).wrapping_mul(10),
         link_id: link,
         flags: 0,
+        compact: false,
     };
     wire::encode_data(&pkt, &trailer(seq, 0), &mut dgram);
     // In order on alternating links, every 16th pair swapped (the reorder path).
@@ -134,6 +135,7 @@ fn decode_only(c: &mut Criterion) {
             send_time_us: 7,
             link_id: 0,
             flags: 0,
+            compact: false,
         },
         &mut dgram,
     );

@@ -20,7 +20,8 @@ pub const MAX_LINKS: usize = 16;
 pub const MAX_LINK_NAME: usize = 32;
 /// Longest interface name, bytes (the kernel's `IFNAMSIZ - 1`).
 pub const MAX_IFNAME: usize = 15;
-/// Default inner MTU: 1500 minus IPv6 + UDP + WireGuard overhead (80) minus our 20-byte trailer.
+/// Default inner MTU: 1500 minus IPv6 + UDP + WireGuard overhead (80) minus our trailer in its
+/// longer format (20 bytes; the compact one is 12), so that it fits whichever the peer reads.
 pub const DEFAULT_MTU: u16 = 1400;
 
 /// A validated tunnel config.

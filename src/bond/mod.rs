@@ -244,6 +244,10 @@ const NACK_TWICE_LOSS: f64 = 0.01;
 /// RTT is at most this much longer than the fastest link's: the one-way bound for copies
 /// ([`scheduler::COPY_MAX_EXTRA_DELAY`]), both ways.
 const SECOND_CHANCE_MAX: Duration = scheduler::COPY_MAX_EXTRA_DELAY.saturating_mul(2);
+/// What this side decodes beyond format 1, sent behind every hello and hello ack.
+const FEATURES: Control = Control::Features {
+    bits: wire::FEATURE_COMPACT_TRAILER,
+};
 /// A link that loses packets and whose queue ran dry tells the peer its last link sequence
 /// number this long after its last data packet, unless more data follows: TCP refills a queue
 /// within a millisecond or two while it has a window open, and a notice per pause is enough.
@@ -361,6 +365,12 @@ pub struct Bond {
     unordered_dups: u64,
     /// When this receiver last sent a NACK.
     last_nack: Option<Instant>,
+    /// The peer said it decodes compact trailers (a `Features` message since its start).
+    peer_compact: bool,
+    /// Highest ordered and unordered sequence numbers received, which a compact trailer's
+    /// low 32 bits are read against.
+    rx_seq_high: Option<u64>,
+    rx_useq_high: Option<u64>,
 }
 
 impl Bond {
@@ -393,6 +403,9 @@ impl Bond {
             unordered_seen: reorder::SeenWindow::new(4096),
             unordered_dups: 0,
             last_nack: None,
+            peer_compact: false,
+            rx_seq_high: None,
+            rx_useq_high: None,
         }
     }
 
@@ -753,7 +766,13 @@ impl Bond {
             l.stats.rx_bytes += plaintext.len() as u64;
         }
         match msg {
-            Message::Data { packet, trailer } => {
+            Message::Data {
+                packet,
+                mut trailer,
+            } => {
+                if trailer.compact {
+                    self.extend_compact(i, &mut trailer);
+                }
                 // A link carries its ordered packets in sequence order, repairs (sent ahead,
                 // with their old numbers) aside: a loss it shows lies between the highest one
                 // seen on it and this one, if this one is higher.
@@ -1035,6 +1054,9 @@ impl Bond {
                 }
             }
             Control::Nack(n) => self.resend(n, now),
+            Control::Features { bits } => {
+                self.peer_compact = bits & wire::FEATURE_COMPACT_TRAILER != 0;
+            }
             Control::OrderedOn { link_id } => {
                 if let Some(j) = self.link_index(LinkId(link_id)) {
                     self.links[j].rx.last_ordered = Some(now);
@@ -1064,6 +1086,7 @@ impl Bond {
                     acker_bond_id: self.config.bond_id,
                 };
                 self.push_control(i, &ack);
+                self.push_control(i, &FEATURES);
                 self.events.push_back(Event::Hello {
                     link: link_id,
                     hello: h,
@@ -1087,6 +1110,28 @@ impl Bond {
         }
     }
 
+    /// Gives a compact trailer's sequence numbers their high bits back: the nearest number to
+    /// the highest received so far (per link for `link_seq`). Packets are never that far
+    /// apart: a reorder window holds thousands, a NACK asks for 64.
+    fn extend_compact(&mut self, i: usize, t: &mut wire::Trailer) {
+        let rx = &self.links[i].rx;
+        if rx.packets > 0 {
+            let hi = rx.highest_link_seq;
+            let d = (t.link_seq as u16).wrapping_sub(hi as u16) as i16;
+            t.link_seq = hi.wrapping_add(d as i32 as u32);
+        }
+        let high = if t.flags & wire::FLAG_UNORDERED != 0 {
+            &mut self.rx_useq_high
+        } else {
+            &mut self.rx_seq_high
+        };
+        if let Some(h) = *high {
+            let d = (t.seq as u32).wrapping_sub(h as u32) as i32;
+            t.seq = h.saturating_add_signed(i64::from(d));
+        }
+        *high = Some(high.map_or(t.seq, |h| h.max(t.seq)));
+    }
+
     /// Notes the peer's bond id (from a hello or a hello ack). A different one than before
     /// means the peer restarted and numbers its packets from scratch: forget what we received,
     /// and what we measured of each link: a restarted site may number its links differently
@@ -1098,6 +1143,11 @@ impl Bond {
             self.unordered_seen.reset();
             self.reorder_extra = Duration::ZERO;
             self.late_seen = self.reorder.stats().late;
+            // Its features come again behind the hello or ack that told us (it may be an
+            // older version now).
+            self.peer_compact = false;
+            self.rx_seq_high = None;
+            self.rx_useq_high = None;
             for l in &mut self.links {
                 l.rx.reset();
                 l.est = LinkEstimator::new(now, l.config.max_rate_bps);
@@ -1177,6 +1227,7 @@ impl Bond {
                     name: l.config.name.clone(),
                 });
                 self.push_control(i, &hello);
+                self.push_control(i, &FEATURES);
             }
         }
         if self.next_feedback.is_some_and(|t| now >= t) {
@@ -1314,6 +1365,7 @@ impl Bond {
             }
         }
         let send_time_us = self.micros(now);
+        let compact = self.peer_compact;
         for k in 0..n {
             let i = (self.rr + k) % n;
             let l = &mut self.links[i];
@@ -1342,6 +1394,7 @@ impl Bond {
                 send_time_us,
                 link_id: l.id.0,
                 flags: q.flags,
+                compact,
             };
             l.link_seq = l.link_seq.wrapping_add(1);
             wire::encode_data(&q.data, &trailer, buf);
@@ -1508,6 +1561,117 @@ mod tests {
         (b, now)
     }
 
+    fn udp_packet(n: u32) -> Vec<u8> {
+        let mut p = vec![0u8; 200];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&200u16.to_be_bytes());
+        p[9] = 17;
+        p[28..32].copy_from_slice(&n.to_be_bytes());
+        p
+    }
+
+    /// A site and a hub with one link each, hellos exchanged through `carry`.
+    fn peers(now: Instant) -> (Bond, Bond) {
+        let mk = |site: bool, id: u64| {
+            let cfg = BondConfig {
+                mode: Mode::Stripe,
+                sends_hello: site,
+                bond_id: id,
+                ..BondConfig::default()
+            };
+            let mut b = Bond::new(cfg, now);
+            b.add_link(LinkId(0), LinkConfig::default(), now);
+            b
+        };
+        (mk(true, 1), mk(false, 2))
+    }
+
+    /// Carries, instantly and a few rounds back and forth, what both bonds send, but for the
+    /// `Features` messages when `old_site` (a site of the version before them); returns the
+    /// lengths of the data plaintexts the hub sent, and how many packets the site delivered.
+    fn carry(site: &mut Bond, hub: &mut Bond, now: Instant, old_site: bool) -> (Vec<usize>, usize) {
+        let mut buf = Vec::new();
+        let mut lens = Vec::new();
+        let mut delivered = 0;
+        site.handle_timeout(now);
+        hub.handle_timeout(now);
+        for _ in 0..4 {
+            while let Some(tx) = site.poll_transmit(now, &mut buf) {
+                let features = matches!(
+                    wire::decode(&buf),
+                    Ok(Message::Control(Control::Features { .. }))
+                );
+                if !(old_site && features) {
+                    let _ = hub.handle_inbound(tx.link, &buf, now);
+                }
+            }
+            while let Some(tx) = hub.poll_transmit(now, &mut buf) {
+                if matches!(wire::decode(&buf), Ok(Message::Data { .. })) {
+                    lens.push(buf.len());
+                }
+                let _ = site.handle_inbound(tx.link, &buf, now);
+            }
+            while site.poll_deliver(&mut buf) {
+                delivered += 1;
+            }
+        }
+        while hub.poll_deliver(&mut buf) {}
+        (lens, delivered)
+    }
+
+    #[test]
+    fn trailers_are_compact_once_the_peer_says_it_reads_them_and_full_for_an_older_peer() {
+        for old_site in [false, true] {
+            let t0 = Instant::now();
+            let (mut site, mut hub) = peers(t0);
+            carry(&mut site, &mut hub, t0, old_site);
+            let mut lens = Vec::new();
+            let mut delivered = 0;
+            for k in 0..50u32 {
+                let now = t0 + Duration::from_millis(u64::from(k) + 1);
+                hub.handle_outbound(&udp_packet(k), now);
+                let (l, d) = carry(&mut site, &mut hub, now, old_site);
+                lens.extend(l);
+                delivered += d;
+            }
+            let want = 200
+                + if old_site {
+                    wire::TRAILER_LEN
+                } else {
+                    wire::COMPACT_TRAILER_LEN
+                };
+            assert_eq!(delivered, 50, "old site: {old_site}");
+            assert!(
+                lens.len() == 50 && lens.iter().all(|&l| l == want),
+                "old site: {old_site}: {lens:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn compact_sequence_numbers_carry_on_across_their_wrap() {
+        let t0 = Instant::now();
+        let (mut site, mut hub) = peers(t0);
+        carry(&mut site, &mut hub, t0, false);
+        // Far on, as after days of traffic: both numbers wrap within the next 300 packets.
+        hub.next_seq = (1 << 32) - 100;
+        hub.links[0].link_seq = u32::from(u16::MAX) - 150;
+        let mut delivered = 0;
+        for k in 0..300u32 {
+            let now = t0 + Duration::from_millis(u64::from(k) + 1);
+            hub.handle_outbound(&udp_packet(k), now);
+            delivered += carry(&mut site, &mut hub, now, false).1;
+        }
+        let rx = &site.links[0].rx;
+        assert_eq!(delivered, 300);
+        assert_eq!(rx.highest_link_seq, u32::from(u16::MAX) - 150 + 299);
+        assert_eq!(site.rx_seq_high, Some((1 << 32) + 199));
+        let st = site.stats();
+        assert_eq!((st.reorder_skips, st.rx_duplicates), (0, 0), "{st:?}");
+        // No NACK: the site saw no gap in the link's numbers.
+        assert_eq!(hub.link_stats()[0].1.retransmits, 0);
+    }
+
     #[test]
     fn malformed_plaintext_is_counted_not_fatal() {
         let (mut b, now) = hub_with_link();
@@ -1550,7 +1714,7 @@ mod tests {
                         let mut p = vec![0u8; 40];
                         p[0] = 0x45;
                         p[3] = 40;
-                        wire::encode_data(&p, &wire::Trailer { seq: a, link_seq: c, send_time_us: d, link_id: e, flags: e & 3 }, &mut buf);
+                        wire::encode_data(&p, &wire::Trailer { seq: a, link_seq: c, send_time_us: d, link_id: e, flags: e & 3, compact: e & 4 != 0 }, &mut buf);
                     }
                     2 => wire::encode_control(&Control::Feedback(wire::Feedback { recv_time_us: c, entries: vec![wire::FeedbackEntry {
                         link_id: e % 2, highest_link_seq: c, packets: d, bytes: a, owd_us: d as i32, jitter_us: c, min_owd_us: c as i32 }] }), &mut buf),

@@ -354,13 +354,13 @@ impl Sim {
     }
 
     /// What TCP flow `flow` delivered in order at the hub in `[from_s, to_s)`, as the links
-    /// carry it (segment, bond trailer and WireGuard/UDP/IP overhead), bits per second: to
+    /// carry it (segment, compact bond trailer and WireGuard/UDP/IP overhead), bits per second: to
     /// compare with the sum of the links' rates.
     pub fn tcp_link_rate_bps(&self, flow: usize, from_s: f64, to_s: f64) -> u64 {
         let f = &self.tcp[flow];
         let at = |s: f64| f.receiver.in_order_at(self.t0 + Duration::from_secs_f64(s));
         let segments = at(to_s) - at(from_s);
-        let wire = (f.len + wire::TRAILER_LEN + super::TUNNEL_OVERHEAD) as u64;
+        let wire = (f.len + wire::COMPACT_TRAILER_LEN + super::TUNNEL_OVERHEAD) as u64;
         (segments as f64 * wire as f64 * 8.0 / (to_s - from_s)) as u64
     }
 
@@ -708,8 +708,8 @@ impl Sim {
         r.latency_p99 = pct(0.99);
         r.latency_max = latencies.last().copied().unwrap_or_default();
         r.goodput_bps = (r.bytes as f64 * 8.0 / (to_s - from_s)) as u64;
-        let wire =
-            r.bytes + latencies.len() as u64 * (wire::TRAILER_LEN + super::TUNNEL_OVERHEAD) as u64;
+        let wire = r.bytes
+            + latencies.len() as u64 * (wire::COMPACT_TRAILER_LEN + super::TUNNEL_OVERHEAD) as u64;
         r.link_rate_bps = (wire as f64 * 8.0 / (to_s - from_s)) as u64;
         r
     }

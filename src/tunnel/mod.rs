@@ -579,6 +579,7 @@ pub(crate) mod tests {
             send_time_us: 1234,
             link_id: 1,
             flags: 0,
+            compact: false,
         };
         let mut out = Vec::new();
         wire::encode_data(&p, &trailer, &mut out);

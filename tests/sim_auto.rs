@@ -304,11 +304,13 @@ fn a_slow_link_taken_into_use_is_waited_for_from_its_first_packet() {
 }
 
 #[test]
-fn late_packets_stretch_the_reorder_timeout_only_as_far_as_they_needed() {
+fn a_link_slowing_under_load_delivers_its_queued_packets_in_order() {
     // The slow link drops from 20 to 8 Mbit/s under load: until the sender notices, its
-    // packets queue ever longer and some arrive after their gap was given up. The receiver
-    // must learn to wait longer, but not far beyond what those packets needed: a timeout
-    // stretched to its 400 ms cap makes every later loss stall the stream that long.
+    // packets queue ever longer, later than the reorder timeout (set from base delays)
+    // allows. The receiver must wait for them while that link keeps delivering packets
+    // numbered below the gap (22 came late, out of order, before it did), but not far beyond
+    // what they needed: a timeout stretched to its 400 ms cap makes every later loss stall
+    // the stream that long.
     let links = vec![
         LinkSpec::new(60.0, 10),
         LinkSpec::new(20.0, 35).queue_ms(100).rate_change(3.0, 8.0),
@@ -327,10 +329,12 @@ fn late_packets_stretch_the_reorder_timeout_only_as_far_as_they_needed() {
         "slow link 20 -> 8 Mbit/s: {late} late packets, longest wait {:?}, reorder timeout peaked at {peak:?}",
         r.max_reorder_wait
     );
-    assert!(late > 0, "the scenario must produce late packets");
-    // (7 late with a longest wait of 225 ms before the scheduler counted a link's measured
-    // standing queue; 21 with waits of at most 131 ms after: fewer packets wait, less long.)
-    assert!(late <= 30, "{late} late packets");
+    assert!(late <= 2, "{late} late packets");
+    assert!(
+        r.max_reorder_wait > Duration::from_millis(60),
+        "the scenario must queue the slow link's packets: longest wait {:?}",
+        r.max_reorder_wait
+    );
     assert!(peak <= 2 * r.max_reorder_wait, "timeout {peak:?}");
 }
 

@@ -640,6 +640,12 @@ impl LinkEstimator {
     }
 }
 
+/// A longer silence between two data packets is a pause, not the link's pace.
+const ARRIVAL_PAUSE: Duration = Duration::from_millis(100);
+/// Bounds of how long after its last packet a link counts as still delivering.
+const ACTIVE_MIN: Duration = Duration::from_millis(2);
+const ACTIVE_MAX: Duration = Duration::from_millis(20);
+
 /// What the receiver measures about data arriving on one link, reported back as feedback.
 #[derive(Debug, Default)]
 pub struct RxLinkMeter {
@@ -662,6 +668,8 @@ pub struct RxLinkMeter {
     pub dirty: bool,
     /// Last time data arrived on this link.
     pub last_data: Option<Instant>,
+    /// Smoothed time between data packets arriving back to back (pauses left out).
+    arrival_gap: Duration,
     /// Last time ordered single-copy data (or the sender's notice that such data comes)
     /// arrived on this link. Copies of latency-critical packets do not count: they are
     /// delivered at once, and a long link carrying them must not stretch the reorder timeout.
@@ -685,6 +693,11 @@ impl RxLinkMeter {
             .bytes
             .wrapping_add((len + super::TUNNEL_OVERHEAD) as u64);
         self.dirty = true;
+        if let Some(gap) = self.last_data.map(|t| now.saturating_duration_since(t)) {
+            if gap < ARRIVAL_PAUSE {
+                self.arrival_gap = (self.arrival_gap * 7 + gap) / 8;
+            }
+        }
         self.last_data = Some(now);
         // Smoothed OWD (gain 1/8) and mean deviation (gain 1/16, as RTP's jitter).
         self.owd = Some(match self.owd {
@@ -749,6 +762,13 @@ impl RxLinkMeter {
     /// Forgets everything (the peer restarted).
     pub fn reset(&mut self) {
         *self = Self::default();
+    }
+
+    /// While the link is still delivering a stream of data, until when the next packet of it
+    /// is due: a few of its usual gaps after the last one (at least 2 ms, at most 20 ms).
+    pub fn delivering_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.last_data? + (4 * self.arrival_gap).clamp(ACTIVE_MIN, ACTIVE_MAX);
+        (until > now).then_some(until)
     }
 
     /// The feedback entry for this link.

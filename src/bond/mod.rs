@@ -1238,8 +1238,38 @@ impl Bond {
             self.reorder_extra = self.reorder_extra * 255 / 256;
             self.update_reorder_timeout(now);
         }
+        self.hold_gap_in_flight(now);
         self.reorder.handle_timeout(now);
         self.reorder_deadline = self.reorder.deadline();
+    }
+
+    /// A gap whose wait ran out is not given up while a link that may still bring it keeps
+    /// delivering: one that carried ordered data recently and whose packets so far are all
+    /// numbered below the gap (a link carries its ordered packets in order, so the missing
+    /// one may be in its queue). The timeout rests on base delays; a queue that builds faster
+    /// than the sender learns of it (a link's start-up overshoot, a link slowing down) makes
+    /// that link's packets later than it, and they came late, out of order, after their gap
+    /// was skipped. The gap waits while the link keeps delivering, and is decided once the
+    /// link passes it (then a loss on it shows as a gap in its numbers and is asked for) or
+    /// falls silent, within the longest wait.
+    fn hold_gap_in_flight(&mut self, now: Instant) {
+        if self.reorder.deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        let Some(gap) = self.reorder.first_gap().filter(|&g| g > 0) else {
+            return;
+        };
+        let recent =
+            |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < RECENT_DATA);
+        let until = self
+            .links
+            .iter()
+            .filter(|l| recent(l.rx.last_ordered) && l.rx.last_seq.is_some_and(|s| s < gap))
+            .filter_map(|l| l.rx.delivering_until(now))
+            .max();
+        if let Some(until) = until {
+            self.reorder.hold(gap - 1, gap + 1, until);
+        }
     }
 
     fn send_feedback(&mut self, now: Instant) {

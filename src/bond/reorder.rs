@@ -365,6 +365,11 @@ impl ReorderBuffer {
         self.next = Some(next);
     }
 
+    /// The lowest missing sequence number while packets wait behind it.
+    pub fn first_gap(&self) -> Option<u64> {
+        self.next.filter(|_| self.buffered_packets > 0)
+    }
+
     /// When the oldest waiting packet's wait runs out.
     pub fn deadline(&mut self) -> Option<Instant> {
         let next = self.next?;

@@ -204,6 +204,9 @@ pub struct BondStats {
     pub reorder_timeout: Duration,
     /// Longest time a packet waited in the reorder buffer.
     pub reorder_max_wait_seen: Duration,
+    /// Data goes with the compact trailer: the peer said it reads it (false: an older peer,
+    /// or none heard yet).
+    pub compact_trailers: bool,
 }
 
 /// How often the receiver reports what it got.
@@ -1552,6 +1555,7 @@ impl Bond {
             reorder_waits: r.waited,
             reorder_timeout: self.reorder.timeout(),
             reorder_max_wait_seen: r.max_wait,
+            compact_trailers: self.peer_compact,
             ..self.stats.clone()
         }
     }
@@ -1671,6 +1675,7 @@ mod tests {
                     wire::COMPACT_TRAILER_LEN
                 };
             assert_eq!(delivered, 50, "old site: {old_site}");
+            assert_eq!(hub.stats().compact_trailers, !old_site);
             assert!(
                 lens.len() == 50 && lens.iter().all(|&l| l == want),
                 "old site: {old_site}: {lens:?}"

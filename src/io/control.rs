@@ -166,6 +166,10 @@ pub struct BondStatus {
     /// Longest time a packet waited in the reorder buffer, milliseconds.
     #[serde(default)]
     pub reorder_max_wait_ms: f64,
+    /// Data goes with the 12-byte trailer (false: the peer runs an older wgbond that reads
+    /// only the 20-byte one, or has not said yet).
+    #[serde(default)]
+    pub compact_trailers: bool,
 }
 
 /// One link of a peer.
@@ -446,6 +450,13 @@ pub fn format_status_with_rates(s: &InterfaceStatus, rates: &LinkRates) -> Strin
             b.reorder_timeout_ms,
             b.reorder_max_wait_ms
         );
+        if !b.compact_trailers && b.delivered_packets > 0 {
+            // Only worth a line when it costs: the peer is of an earlier version.
+            let _ = writeln!(
+                o,
+                "  wire: 20-byte trailers (the peer runs an older wgbond; 12 bytes once it is updated)"
+            );
+        }
         if p.rx_source_drops > 0 || b.send_drops > 0 || b.malformed > 0 {
             let _ = writeln!(
                 o,
@@ -639,6 +650,17 @@ mod tests {
         assert!(text.contains("% of packets, "), "{text}");
         assert!(text.contains("(longest "), "{text}");
         assert!(!text.contains("now:"), "{text}");
+        // Nothing delivered yet: no word on the trailer. Traffic from an older peer: a line.
+        assert!(!text.contains("wire:"), "{text}");
+        let mut old_peer = s.clone();
+        old_peer.peers[0].bond.delivered_packets = 10;
+        assert!(
+            format_status(&old_peer)
+                .contains("  wire: 20-byte trailers (the peer runs an older wgbond"),
+            "{text}"
+        );
+        old_peer.peers[0].bond.compact_trailers = true;
+        assert!(!format_status(&old_peer).contains("wire:"));
     }
 
     #[test]

@@ -676,6 +676,7 @@ mod tests {
                     malformed: 12,
                     reorder_timeout: Duration::from_millis(30),
                     reorder_max_wait_seen: Duration::from_millis(45),
+                    compact_trailers: true,
                 },
                 rx_not_allowed: 13,
                 links: vec![link("cable", Some(LinkState::Up)), {

@@ -179,6 +179,7 @@ impl Daemon {
                         malformed: b.malformed,
                         reorder_timeout_ms: ms(b.reorder_timeout),
                         reorder_max_wait_ms: ms(b.reorder_max_wait_seen),
+                        compact_trailers: b.compact_trailers,
                     },
                     links,
                 }

@@ -765,9 +765,12 @@ impl RxLinkMeter {
     }
 
     /// While the link is still delivering a stream of data, until when the next packet of it
-    /// is due: a few of its usual gaps after the last one (at least 2 ms, at most 20 ms).
+    /// is due: a few of its usual gaps after the last one, plus twice its delay variation (a
+    /// link's packets come in bursts when its delay jitters), 2 to 20 ms.
     pub fn delivering_until(&self, now: Instant) -> Option<Instant> {
-        let until = self.last_data? + (4 * self.arrival_gap).clamp(ACTIVE_MIN, ACTIVE_MAX);
+        let jitter = Duration::from_micros(self.owd.map_or(0, |(_, j)| j));
+        let window = (4 * self.arrival_gap + 2 * jitter).clamp(ACTIVE_MIN, ACTIVE_MAX);
+        let until = self.last_data? + window;
         (until > now).then_some(until)
     }
 

@@ -668,7 +668,10 @@ pub struct RxLinkMeter {
     pub dirty: bool,
     /// Last time data arrived on this link.
     pub last_data: Option<Instant>,
-    /// Smoothed time between data packets arriving back to back (pauses left out).
+    /// Last time an ordered data packet (one that can fill a gap: not unordered, not sent
+    /// again after its link died) arrived, and the smoothed time between such packets
+    /// arriving back to back (pauses left out).
+    last_ordered_data: Option<Instant>,
     arrival_gap: Duration,
     /// Last time ordered single-copy data (or the sender's notice that such data comes)
     /// arrived on this link. Copies of latency-critical packets do not count: they are
@@ -693,11 +696,6 @@ impl RxLinkMeter {
             .bytes
             .wrapping_add((len + super::TUNNEL_OVERHEAD) as u64);
         self.dirty = true;
-        if let Some(gap) = self.last_data.map(|t| now.saturating_duration_since(t)) {
-            if gap < ARRIVAL_PAUSE {
-                self.arrival_gap = (self.arrival_gap * 7 + gap) / 8;
-            }
-        }
         self.last_data = Some(now);
         // Smoothed OWD (gain 1/8) and mean deviation (gain 1/16, as RTP's jitter).
         self.owd = Some(match self.owd {
@@ -764,13 +762,26 @@ impl RxLinkMeter {
         *self = Self::default();
     }
 
-    /// While the link is still delivering a stream of data, until when the next packet of it
-    /// is due: a few of its usual gaps after the last one, plus twice its delay variation (a
+    /// Records the arrival of an ordered data packet (one that can fill a gap).
+    pub fn on_ordered(&mut self, now: Instant) {
+        if let Some(gap) = self
+            .last_ordered_data
+            .map(|t| now.saturating_duration_since(t))
+        {
+            if gap < ARRIVAL_PAUSE {
+                self.arrival_gap = (self.arrival_gap * 7 + gap) / 8;
+            }
+        }
+        self.last_ordered_data = Some(now);
+    }
+
+    /// While the link is still delivering a stream of ordered data (packets that can fill a
+    /// gap; latency-critical copies cannot), until when the next packet of it is due: a few of its usual gaps after the last one, plus twice its delay variation (a
     /// link's packets come in bursts when its delay jitters), 2 to 20 ms.
     pub fn delivering_until(&self, now: Instant) -> Option<Instant> {
         let jitter = Duration::from_micros(self.owd.map_or(0, |(_, j)| j));
         let window = (4 * self.arrival_gap + 2 * jitter).clamp(ACTIVE_MIN, ACTIVE_MAX);
-        let until = self.last_data? + window;
+        let until = self.last_ordered_data? + window;
         (until > now).then_some(until)
     }
 

@@ -293,6 +293,12 @@ struct Link {
     control: VecDeque<Vec<u8>>,
     next_send: Instant,
     link_seq: u32,
+    /// The link sequence number of the first data packet sent with full numbers since the
+    /// peer (re)started: once its feedback shows that packet (or a later one) arrived, the
+    /// peer has the high bits that compact trailers leave out, and they may be used here.
+    full_from: Option<u32>,
+    /// Compact trailers may be used on this link (see `full_from`).
+    compact_ok: bool,
     probe_seq: u32,
     next_probe: Instant,
     hello_acked: bool,
@@ -465,6 +471,8 @@ impl Bond {
             control: VecDeque::new(),
             next_send: now,
             link_seq: 0,
+            full_from: None,
+            compact_ok: false,
             probe_seq: 0,
             next_probe: now,
             hello_acked: false,
@@ -773,8 +781,9 @@ impl Bond {
                 packet,
                 mut trailer,
             } => {
-                if trailer.compact {
-                    self.extend_compact(i, &mut trailer);
+                if !self.extend_seqs(i, &mut trailer) {
+                    self.stats.malformed += 1;
+                    return Ok(());
                 }
                 // A link carries its ordered packets in sequence order, repairs (sent ahead,
                 // with their old numbers) aside: a loss it shows lies between the highest one
@@ -790,6 +799,7 @@ impl Bond {
                 if ordered {
                     self.links[i].rx.last_seq =
                         Some(last.map_or(trailer.seq, |l| l.max(trailer.seq)));
+                    self.links[i].rx.on_ordered(now);
                 }
                 let owd = self.micros(now).wrapping_sub(trailer.send_time_us);
                 self.links[i]
@@ -813,7 +823,13 @@ impl Bond {
                 }
                 self.reorder.insert(trailer.seq, packet, now);
                 let late = self.reorder.stats().late;
-                if late > self.late_seen && trailer.flags & wire::FLAG_RESENT != 0 {
+                if late > self.late_seen
+                    && (trailer.flags & wire::FLAG_RESENT != 0 || self.reorder.late_was_repair())
+                {
+                    // Expected late: sent again after its link died, or a repair whose NACK or
+                    // first copy was lost (or went by a slow link): its lateness says nothing
+                    // of the links' delays, and a satellite-sized wait learned from it held
+                    // every later gap (simulator: 260 ms after one such repair).
                     self.late_seen = late;
                 } else if late > self.late_seen {
                     // A packet came after its gap was given up: wait longer from now on, twice
@@ -1051,6 +1067,11 @@ impl Bond {
                         continue;
                     };
                     let l = &mut self.links[j];
+                    if l.full_from.is_some_and(|f| {
+                        (e.highest_link_seq.wrapping_sub(f) as i32) >= 0 && e.packets > 0
+                    }) {
+                        l.compact_ok = true;
+                    }
                     let app_limited = l.app_limited;
                     l.est.on_feedback(e, fb.recv_time_us, now, app_limited);
                     l.app_limited = l.queue.is_empty();
@@ -1114,25 +1135,34 @@ impl Bond {
     }
 
     /// Gives a compact trailer's sequence numbers their high bits back: the nearest number to
-    /// the highest received so far (per link for `link_seq`). Packets are never that far
-    /// apart: a reorder window holds thousands, a NACK asks for 64.
-    fn extend_compact(&mut self, i: usize, t: &mut wire::Trailer) {
-        let rx = &self.links[i].rx;
-        if rx.packets > 0 {
-            let hi = rx.highest_link_seq;
-            let d = (t.link_seq as u16).wrapping_sub(hi as u16) as i16;
-            t.link_seq = hi.wrapping_add(d as i32 as u32);
-        }
+    /// the highest received so far (per link for `link_seq`), which every trailer, compact or
+    /// full, keeps up to date. Packets are never that far apart: a reorder window holds
+    /// thousands. False if the link has no full number yet to read a compact one against (the
+    /// peer sends full ones until our feedback shows one arrived, so this happens only around a
+    /// restart): the packet is dropped rather than numbered wrongly.
+    fn extend_seqs(&mut self, i: usize, t: &mut wire::Trailer) -> bool {
         let high = if t.flags & wire::FLAG_UNORDERED != 0 {
             &mut self.rx_useq_high
         } else {
             &mut self.rx_seq_high
         };
-        if let Some(h) = *high {
-            let d = (t.seq as u32).wrapping_sub(h as u32) as i32;
-            t.seq = h.saturating_add_signed(i64::from(d));
+        if t.compact {
+            let rx = &self.links[i].rx;
+            if rx.last_data.is_none() {
+                return false;
+            }
+            let hi = rx.highest_link_seq;
+            let d = (t.link_seq as u16).wrapping_sub(hi as u16) as i16;
+            t.link_seq = hi.wrapping_add(d as i32 as u32);
+            // Without a reference yet, the number is taken as it is: a sender numbers from 0,
+            // and a full trailer later corrects the reference (the highest wins).
+            if let Some(h) = *high {
+                let d = (t.seq as u32).wrapping_sub(h as u32) as i32;
+                t.seq = h.saturating_add_signed(i64::from(d));
+            }
         }
         *high = Some(high.map_or(t.seq, |h| h.max(t.seq)));
+        true
     }
 
     /// Notes the peer's bond id (from a hello or a hello ack). A different one than before
@@ -1155,6 +1185,9 @@ impl Bond {
                 l.rx.reset();
                 l.est = LinkEstimator::new(now, l.config.max_rate_bps);
                 l.app_limited = true;
+                // The new process has no high bits to read compact numbers against.
+                l.compact_ok = false;
+                l.full_from = None;
             }
         }
         self.peer_bond_id = Some(id);
@@ -1271,7 +1304,7 @@ impl Bond {
             .filter_map(|l| l.rx.delivering_until(now))
             .max();
         if let Some(until) = until {
-            self.reorder.hold(gap - 1, gap + 1, until);
+            self.reorder.hold_in_flight(gap, until);
         }
     }
 
@@ -1398,7 +1431,7 @@ impl Bond {
             }
         }
         let send_time_us = self.micros(now);
-        let compact = self.peer_compact;
+        let peer_compact = self.peer_compact;
         for k in 0..n {
             let i = (self.rr + k) % n;
             let l = &mut self.links[i];
@@ -1427,8 +1460,11 @@ impl Bond {
                 send_time_us,
                 link_id: l.id.0,
                 flags: q.flags,
-                compact,
+                compact: peer_compact && l.compact_ok,
             };
+            if !trailer.compact && l.full_from.is_none() {
+                l.full_from = Some(l.link_seq);
+            }
             l.link_seq = l.link_seq.wrapping_add(1);
             wire::encode_data(&q.data, &trailer, buf);
             l.est.on_sent(buf.len() + TUNNEL_OVERHEAD, now);
@@ -1676,9 +1712,19 @@ mod tests {
                 };
             assert_eq!(delivered, 50, "old site: {old_site}");
             assert_eq!(hub.stats().compact_trailers, !old_site);
+            // Full numbers until the site's feedback shows some arrived (every 20 ms), so
+            // that it has the high bits compact ones leave out; then compact throughout.
+            let full = lens
+                .iter()
+                .take_while(|&&l| l == 200 + wire::TRAILER_LEN)
+                .count();
             assert!(
-                lens.len() == 50 && lens.iter().all(|&l| l == want),
+                lens.len() == 50 && lens[full..].iter().all(|&l| l == want),
                 "old site: {old_site}: {lens:?}"
+            );
+            assert!(
+                old_site || (1..=25).contains(&full),
+                "{full} full: {lens:?}"
             );
         }
     }
@@ -1705,6 +1751,65 @@ mod tests {
         assert_eq!((st.reorder_skips, st.rx_duplicates), (0, 0), "{st:?}");
         // No NACK: the site saw no gap in the link's numbers.
         assert_eq!(hub.link_stats()[0].1.retransmits, 0);
+    }
+
+    #[test]
+    fn a_restarted_receiver_gets_full_numbers_before_compact_ones() {
+        // The hub has sent for days: its numbers need more bits than a compact trailer has.
+        let t0 = Instant::now();
+        let (mut site, mut hub) = peers(t0);
+        carry(&mut site, &mut hub, t0, false);
+        hub.next_seq = (1 << 33) + 5000;
+        hub.links[0].link_seq = 1_000_000;
+        let mut lens = Vec::new();
+        for k in 0..40u32 {
+            let now = t0 + Duration::from_millis(u64::from(k) + 1);
+            hub.handle_outbound(&udp_packet(k), now);
+            lens.extend(carry(&mut site, &mut hub, now, false).0);
+        }
+        assert_eq!(lens.last(), Some(&(200 + wire::COMPACT_TRAILER_LEN)));
+        // The site restarts: a new process, a new bond id, nothing received yet.
+        let t1 = t0 + Duration::from_millis(100);
+        let (mut site, _) = peers(t1);
+        site.config.bond_id = 3;
+        carry(&mut site, &mut hub, t1, false);
+        let mut lens = Vec::new();
+        let mut delivered = 0;
+        for k in 0..300u32 {
+            let now = t1 + Duration::from_millis(u64::from(k) + 1);
+            hub.handle_outbound(&udp_packet(k), now);
+            let (l, d) = carry(&mut site, &mut hub, now, false);
+            lens.extend(l);
+            delivered += d;
+        }
+        assert_eq!(delivered, 300);
+        // Full numbers first, compact once the site's feedback showed them arrived.
+        assert_eq!(lens.first(), Some(&(200 + wire::TRAILER_LEN)));
+        assert_eq!(lens.last(), Some(&(200 + wire::COMPACT_TRAILER_LEN)));
+        assert_eq!(site.rx_seq_high, Some((1 << 33) + 5000 + 40 + 299));
+        assert_eq!(site.links[0].rx.highest_link_seq, 1_000_000 + 40 + 299);
+        assert_eq!(site.stats().malformed, 0);
+        assert_eq!(hub.link_stats()[0].1.retransmits, 0);
+    }
+
+    #[test]
+    fn a_compact_trailer_with_nothing_to_read_it_against_is_dropped() {
+        let t0 = Instant::now();
+        let (mut site, _) = peers(t0);
+        let mut buf = Vec::new();
+        let trailer = wire::Trailer {
+            seq: 7,
+            link_seq: 7,
+            send_time_us: 0,
+            link_id: 0,
+            flags: 0,
+            compact: true,
+        };
+        wire::encode_data(&udp_packet(0), &trailer, &mut buf);
+        assert_eq!(site.handle_inbound(LinkId(0), &buf, t0), Ok(()));
+        assert_eq!(site.stats().malformed, 1);
+        let mut out = Vec::new();
+        assert!(!site.poll_deliver(&mut out));
     }
 
     #[test]

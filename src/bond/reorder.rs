@@ -72,6 +72,12 @@ pub struct ReorderBuffer {
     holds: VecDeque<Hold>,
     /// Longest any packet waits, holds included.
     max_wait: Duration,
+    /// The gaps of the latest holds, kept after the holds end: a packet that comes late into
+    /// one is a repair (its NACK or first repair was lost, or went a slow way), not a sign
+    /// that the links' delays differ more than the timeout allows.
+    repaired: VecDeque<(u64, u64)>,
+    /// Whether the last late packet was such a repair.
+    late_repair: bool,
 }
 
 /// Missing packets numbered between `lo` and `hi` (exclusive) wait until `until`.
@@ -109,6 +115,8 @@ impl ReorderBuffer {
             late_need: Duration::ZERO,
             holds: VecDeque::new(),
             max_wait: Duration::MAX,
+            repaired: VecDeque::new(),
+            late_repair: false,
         }
     }
 
@@ -123,6 +131,22 @@ impl ReorderBuffer {
     /// repair comes a round trip after that request. The timeout counts from the first packet
     /// after the gap to arrive, which on another link can come well before the loss shows.
     pub fn hold(&mut self, lo: u64, hi: u64, until: Instant) {
+        self.push_hold(lo, hi, until);
+        if self.repaired.len() >= MAX_HOLDS {
+            self.repaired.pop_front();
+        }
+        self.repaired.push_back((lo, hi));
+    }
+
+    /// Makes the missing packet `seq` wait until `until` (as [`ReorderBuffer::hold`]) because a
+    /// link may still bring it, not because a repair was asked for.
+    pub fn hold_in_flight(&mut self, seq: u64, until: Instant) {
+        if seq > 0 {
+            self.push_hold(seq - 1, seq + 1, until);
+        }
+    }
+
+    fn push_hold(&mut self, lo: u64, hi: u64, until: Instant) {
         if self.holds.len() >= MAX_HOLDS {
             self.holds.pop_front();
         }
@@ -151,6 +175,12 @@ impl ReorderBuffer {
     /// timeout then plus its lateness; measured from the latest skip, so never more).
     pub fn late_need(&self) -> Duration {
         self.late_need
+    }
+
+    /// Whether the last packet that came late filled a gap the receiver had asked a repair
+    /// for (see [`ReorderBuffer::hold`]).
+    pub fn late_was_repair(&self) -> bool {
+        self.late_repair
     }
 
     /// Window size in packets.
@@ -197,6 +227,8 @@ impl ReorderBuffer {
         self.last_skip = None;
         self.late_need = Duration::ZERO;
         self.holds.clear();
+        self.repaired.clear();
+        self.late_repair = false;
     }
 
     /// Takes one received packet.
@@ -271,6 +303,7 @@ impl ReorderBuffer {
         }
         *seen = seq.wrapping_add(1);
         self.stats.late += 1;
+        self.late_repair = self.repaired.iter().any(|&(lo, hi)| lo < seq && seq < hi);
         self.late_need = self.last_skip.map_or(Duration::ZERO, |(at, timeout)| {
             timeout + now.saturating_duration_since(at)
         });

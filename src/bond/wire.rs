@@ -112,7 +112,7 @@ pub enum Control {
     /// What this side can decode beyond format 1 ([`FEATURE_COMPACT_TRAILER`] bits). Sent
     /// behind every hello and hello ack, so each side learns it when the link is bound, and
     /// again after the peer restarts. An older peer drops it as an unknown type and keeps
-    /// getting format 1 trailers.
+    /// getting format 1 trailers. Bytes after the first are ignored (room for later versions).
     Features {
         /// `FEATURE_*` bits; unknown bits are ignored.
         bits: u8,
@@ -423,7 +423,12 @@ fn decode_control(buf: &[u8]) -> Result<Control, DecodeError> {
             link_id: r.u8()?,
             link_seq: r.u32()?,
         },
-        ctype::FEATURES => Control::Features { bits: r.u8()? },
+        ctype::FEATURES => {
+            let bits = r.u8()?;
+            // A later version may say more after the first byte: not ours to read.
+            r.buf = &[];
+            Control::Features { bits }
+        }
         _ => return Err(DecodeError::UnknownType),
     };
     if !r.is_empty() {
@@ -845,12 +850,16 @@ mod tests {
                     "{msg:?} {len}"
                 );
             }
-            // One byte too many.
+            // One byte too many: refused, but for Features, which leaves room for more.
             let mut t = out.clone();
             t.push(0);
             let len = t.len() as u16;
             t[2..4].copy_from_slice(&len.to_be_bytes());
-            assert_eq!(decode(&t), Err(DecodeError::BadControlLength));
+            if matches!(msg, Control::Features { .. }) {
+                assert_eq!(decode(&t), Ok(Message::Control(msg.clone())));
+            } else {
+                assert_eq!(decode(&t), Err(DecodeError::BadControlLength));
+            }
             // Bad version.
             let mut t = out.clone();
             t[20] = 9;

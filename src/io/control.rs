@@ -166,8 +166,8 @@ pub struct BondStatus {
     /// Longest time a packet waited in the reorder buffer, milliseconds.
     #[serde(default)]
     pub reorder_max_wait_ms: f64,
-    /// Data goes with the 12-byte trailer (false: the peer runs an older wgbond that reads
-    /// only the 20-byte one, or has not said yet).
+    /// Data goes with the 12-byte trailer (false: the peer has not said it reads it, as an
+    /// older wgbond does not).
     #[serde(default)]
     pub compact_trailers: bool,
 }
@@ -454,7 +454,7 @@ pub fn format_status_with_rates(s: &InterfaceStatus, rates: &LinkRates) -> Strin
             // Only worth a line when it costs: the peer is of an earlier version.
             let _ = writeln!(
                 o,
-                "  wire: 20-byte trailers (the peer runs an older wgbond; 12 bytes once it is updated)"
+                "  wire: 20-byte trailers (the peer has not said it reads 12-byte ones: an older wgbond does not)"
             );
         }
         if p.rx_source_drops > 0 || b.send_drops > 0 || b.malformed > 0 {
@@ -655,8 +655,7 @@ mod tests {
         let mut old_peer = s.clone();
         old_peer.peers[0].bond.delivered_packets = 10;
         assert!(
-            format_status(&old_peer)
-                .contains("  wire: 20-byte trailers (the peer runs an older wgbond"),
+            format_status(&old_peer).contains("  wire: 20-byte trailers (the peer has not said"),
             "{text}"
         );
         old_peer.peers[0].bond.compact_trailers = true;

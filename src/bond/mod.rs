@@ -1689,21 +1689,34 @@ mod tests {
         (lens, delivered)
     }
 
+    /// `n` packets from the hub, 1 ms apart after `t0`, each carried at once: what [`carry`]
+    /// returns, summed.
+    fn send(
+        site: &mut Bond,
+        hub: &mut Bond,
+        t0: Instant,
+        n: u32,
+        old_site: bool,
+    ) -> (Vec<usize>, usize) {
+        let mut lens = Vec::new();
+        let mut delivered = 0;
+        for k in 0..n {
+            let now = t0 + Duration::from_millis(u64::from(k) + 1);
+            hub.handle_outbound(&udp_packet(k), now);
+            let (l, d) = carry(site, hub, now, old_site);
+            lens.extend(l);
+            delivered += d;
+        }
+        (lens, delivered)
+    }
+
     #[test]
     fn trailers_are_compact_once_the_peer_says_it_reads_them_and_full_for_an_older_peer() {
         for old_site in [false, true] {
             let t0 = Instant::now();
             let (mut site, mut hub) = peers(t0);
             carry(&mut site, &mut hub, t0, old_site);
-            let mut lens = Vec::new();
-            let mut delivered = 0;
-            for k in 0..50u32 {
-                let now = t0 + Duration::from_millis(u64::from(k) + 1);
-                hub.handle_outbound(&udp_packet(k), now);
-                let (l, d) = carry(&mut site, &mut hub, now, old_site);
-                lens.extend(l);
-                delivered += d;
-            }
+            let (lens, delivered) = send(&mut site, &mut hub, t0, 50, old_site);
             let want = 200
                 + if old_site {
                     wire::TRAILER_LEN
@@ -1737,12 +1750,7 @@ mod tests {
         // Far on, as after days of traffic: both numbers wrap within the next 300 packets.
         hub.next_seq = (1 << 32) - 100;
         hub.links[0].link_seq = u32::from(u16::MAX) - 150;
-        let mut delivered = 0;
-        for k in 0..300u32 {
-            let now = t0 + Duration::from_millis(u64::from(k) + 1);
-            hub.handle_outbound(&udp_packet(k), now);
-            delivered += carry(&mut site, &mut hub, now, false).1;
-        }
+        let delivered = send(&mut site, &mut hub, t0, 300, false).1;
         let rx = &site.links[0].rx;
         assert_eq!(delivered, 300);
         assert_eq!(rx.highest_link_seq, u32::from(u16::MAX) - 150 + 299);
@@ -1761,27 +1769,14 @@ mod tests {
         carry(&mut site, &mut hub, t0, false);
         hub.next_seq = (1 << 33) + 5000;
         hub.links[0].link_seq = 1_000_000;
-        let mut lens = Vec::new();
-        for k in 0..40u32 {
-            let now = t0 + Duration::from_millis(u64::from(k) + 1);
-            hub.handle_outbound(&udp_packet(k), now);
-            lens.extend(carry(&mut site, &mut hub, now, false).0);
-        }
+        let lens = send(&mut site, &mut hub, t0, 40, false).0;
         assert_eq!(lens.last(), Some(&(200 + wire::COMPACT_TRAILER_LEN)));
         // The site restarts: a new process, a new bond id, nothing received yet.
         let t1 = t0 + Duration::from_millis(100);
         let (mut site, _) = peers(t1);
         site.config.bond_id = 3;
         carry(&mut site, &mut hub, t1, false);
-        let mut lens = Vec::new();
-        let mut delivered = 0;
-        for k in 0..300u32 {
-            let now = t1 + Duration::from_millis(u64::from(k) + 1);
-            hub.handle_outbound(&udp_packet(k), now);
-            let (l, d) = carry(&mut site, &mut hub, now, false);
-            lens.extend(l);
-            delivered += d;
-        }
+        let (lens, delivered) = send(&mut site, &mut hub, t1, 300, false);
         assert_eq!(delivered, 300);
         // Full numbers first, compact once the site's feedback showed them arrived.
         assert_eq!(lens.first(), Some(&(200 + wire::TRAILER_LEN)));

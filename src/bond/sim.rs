@@ -343,6 +343,11 @@ impl Sim {
         self.tcp.len() - 1
     }
 
+    /// Caps TCP flow `flow`'s window at `segments` (see [`TcpSender::set_max_window`]).
+    pub fn cap_tcp_window(&mut self, flow: usize, segments: f64) {
+        self.tcp[flow].sender.set_max_window(segments);
+    }
+
     /// The sender of TCP flow `flow`.
     pub fn tcp_sender(&self, flow: usize) -> &TcpSender {
         &self.tcp[flow].sender

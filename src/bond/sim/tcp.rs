@@ -78,6 +78,9 @@ pub struct TcpSender {
     round_end: u64,
     round_min: Option<Duration>,
     round_samples: u32,
+    /// Largest window the sender lets out, segments: a receive window, or a BBR sender's
+    /// (about twice the bandwidth times the lowest RTT).
+    max_window: f64,
     /// What happened, for the tests.
     pub stats: TcpStats,
 }
@@ -130,8 +133,14 @@ impl TcpSender {
             round_end: 0,
             round_min: None,
             round_samples: 0,
+            max_window: f64::INFINITY,
             stats: TcpStats::default(),
         }
+    }
+
+    /// Caps the window at `segments` whatever the congestion window.
+    pub fn set_max_window(&mut self, segments: f64) {
+        self.max_window = segments;
     }
 
     /// Congestion window, segments.
@@ -150,7 +159,7 @@ impl TcpSender {
         // a hole sent again is in flight again).
         let in_flight =
             (self.next_seq - self.snd_una).saturating_sub(self.sacked + self.lost) as f64;
-        if in_flight >= self.cwnd.floor().max(1.0) && self.rtx.is_empty() {
+        if in_flight >= self.cwnd.min(self.max_window).floor().max(1.0) && self.rtx.is_empty() {
             return None;
         }
         if let Some(seq) = self.rtx.pop_front() {

@@ -28,12 +28,22 @@ pub struct Candidate {
     /// How long after its expected arrival a packet lost on this link comes again by a NACK
     /// repair: about the link's round trip.
     pub repair: Duration,
+    /// The part of the link's extra one-way delay that `auto` leaves out when it picks the
+    /// link for a bulk packet (see [`Candidate::bulk_arrival`]).
+    pub bulk_discount: Duration,
 }
 
 impl Candidate {
     /// When the packet is expected to arrive, relative to the fastest idle link.
     pub fn arrival(&self) -> Duration {
         self.queue_delay + self.owd
+    }
+
+    /// The arrival `auto` compares for a bulk packet's link: a longer link counts only part of
+    /// its extra delay, so that it takes packets a little before the shorter link's queue alone
+    /// would send them there and stays busy through a window-limited sender's pauses.
+    pub fn bulk_arrival(&self) -> Duration {
+        self.arrival().saturating_sub(self.bulk_discount)
     }
 }
 
@@ -125,16 +135,26 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
             }
         }
         Mode::Stripe => {
-            if let Some(c) = earliest(cands.iter().filter(eligible), None) {
+            if let Some(c) = earliest(cands.iter().filter(eligible), None, Candidate::arrival) {
                 t.push(c.index);
             }
         }
         Mode::Auto => {
-            let Some(first) = earliest(cands.iter().filter(eligible), None) else {
+            let key = if critical {
+                Candidate::arrival
+            } else {
+                Candidate::bulk_arrival
+            };
+            let Some(first) = earliest(cands.iter().filter(eligible), None, key) else {
                 return t;
             };
             t.push(first.index);
-            let second = earliest(cands.iter().filter(eligible), Some(first.index));
+            // The second link (a critical packet's copy, a lossy link's copy) by true arrival.
+            let second = earliest(
+                cands.iter().filter(eligible),
+                Some(first.index),
+                Candidate::arrival,
+            );
             if critical {
                 if let Some(second) = second {
                     t.push(second.index);
@@ -169,10 +189,11 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
 fn earliest<'a>(
     cands: impl Iterator<Item = &'a Candidate>,
     except: Option<usize>,
+    arrival: fn(&Candidate) -> Duration,
 ) -> Option<&'a Candidate> {
     cands
         .filter(|c| Some(c.index) != except)
-        .min_by_key(|c| (c.arrival(), c.index))
+        .min_by_key(|c| (arrival(c), c.index))
 }
 
 /// True for packets whose delay or loss hurts far more than their size costs: TCP SYN, FIN,
@@ -227,7 +248,21 @@ mod tests {
             owd: Duration::from_millis(owd_ms),
             loss: 0.0,
             repair: Duration::from_millis(30),
+            bulk_discount: Duration::from_millis(owd_ms) / 5,
         }
+    }
+
+    #[test]
+    fn auto_bulk_takes_the_longer_link_a_little_early() {
+        // Fast: 22 ms of queue; slow: idle, 25 ms longer. True arrivals 22 and 25 ms; bulk
+        // leaves a fifth of the 25 out.
+        let c = [cand(0, LinkState::Up, 22, 0), cand(1, LinkState::Up, 0, 25)];
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[1]);
+        assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
+        assert_eq!(choose(Mode::Stripe, &c, false).as_slice(), &[0]);
+        // A shorter queue than four fifths of the difference: the fast link still.
+        let c = [cand(0, LinkState::Up, 19, 0), cand(1, LinkState::Up, 0, 25)];
+        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0]);
     }
 
     #[test]

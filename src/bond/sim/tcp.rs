@@ -138,7 +138,9 @@ impl TcpSender {
         }
     }
 
-    /// Caps the window at `segments` whatever the congestion window.
+    /// Caps the window at `segments` whatever the congestion window. The congestion window
+    /// itself still grows and shrinks as before (`cwnd`, `stats.max_cwnd`): a stand-in for a
+    /// BBR sender's window, not a model of it.
     pub fn set_max_window(&mut self, segments: f64) {
         self.max_window = segments;
     }

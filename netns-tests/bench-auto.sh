@@ -89,14 +89,15 @@ emu_drops() {
 }
 
 # "send_drops queue_drops reorder_skips reorder_late udp_send tun_write rcvbuf_errors
-# sndbuf_errors tun_qdisc_drops" of ROLE's wgbond (all its peers and links; the interface's UDP
-# send and TUN write failures) and of the kernel in ROLE's namespace: UDP receive- and
-# send-buffer errors (wgbond's link sockets and iperf3's; a UDP datagram the TUN device's qdisc
-# drops counts as a send-buffer error and is lost silently) and the TUN device's qdisc drops.
+# sndbuf_errors tun_qdisc_drops tun_tx_dropped" of ROLE's wgbond (all its peers and links; the
+# interface's UDP send and TUN write failures) and of the kernel in ROLE's namespace: UDP
+# receive- and send-buffer errors (wgbond's link sockets and iperf3's), the TUN device's qdisc
+# drops, and the packets the TUN driver dropped on their way to wgbond (its queue full: the
+# sender's application never learns of those). A value that could not be read is "?".
 wgb_counters() {
     local ifname=bsite
     [[ $1 == hub ]] && ifname=bhub
-    local bond kernel qdisc
+    local bond kernel qdisc txdrop
     bond=$(lab_exec "$1" "$WGBOND" show "$ifname" --json 2>/dev/null | jq -r '. as $all | [.[].peers[]?] |
         [([.[].bond.send_drops] | add // 0), ([.[].links[]?.queue_drops] | add // 0),
          ([.[].bond.reorder_skips] | add // 0), ([.[].bond.reorder_late] | add // 0),
@@ -104,8 +105,9 @@ wgb_counters() {
         | map(tostring) | join(" ")' 2>/dev/null)
     kernel=$(lab_exec "$1" awk '/^Udp:/ { n++; if (n == 1) for (i = 1; i <= NF; i++) k[i] = $i;
         else for (i = 1; i <= NF; i++) if (k[i] == "RcvbufErrors" || k[i] == "SndbufErrors") printf "%s ", $i }' /proc/net/snmp 2>/dev/null)
-    qdisc=$(lab_exec "$1" tc -s qdisc show dev "$ifname" 2>/dev/null | awk '/dropped/ { for (i = 1; i < NF; i++) if ($i == "(dropped") { gsub(",", "", $(i+1)); d += $(i+1) } } END { print d + 0 }')
-    echo "${bond:-? ? ? ? ? ?} ${kernel:-? ?} ${qdisc:-?}"
+    qdisc=$(lab_exec "$1" tc -s qdisc show dev "$ifname" 2>/dev/null | awk '/dropped/ { for (i = 1; i < NF; i++) if ($i == "(dropped") { gsub(",", "", $(i+1)); d += $(i+1) } } END { if (NR) print d + 0 }')
+    txdrop=$(lab_exec "$1" cat "/sys/class/net/$ifname/statistics/tx_dropped" 2>/dev/null)
+    echo "${bond:-? ? ? ? ? ?} ${kernel:-? ?} ${qdisc:-?} ${txdrop:-?}"
 }
 
 # snapshot NAME: both ends' `wgbond show` into the state directory (kept with --logs).
@@ -123,7 +125,7 @@ delta_list() {
     awk -v a="$a" -v b="$b" -v f="$*" 'BEGIN {
         na = split(a, x, " "); split(b, y, " ")
         if (f == "") { for (i = 1; i <= na; i++) sel[++n] = i } else n = split(f, sel, " ")
-        for (i = 1; i <= n; i++) printf "%s%s", (i > 1 ? "/" : ""), (x[sel[i]] == "" || y[sel[i]] == "" ? "?" : y[sel[i]] - x[sel[i]])
+        for (i = 1; i <= n; i++) printf "%s%s", (i > 1 ? "/" : ""), (x[sel[i]] !~ /^[0-9]+$/ || y[sel[i]] !~ /^[0-9]+$/ ? "?" : y[sel[i]] - x[sel[i]])
     }'
 }
 
@@ -389,7 +391,7 @@ if wgb_start auto; then
         [[ ${u_ooo:-0} =~ ^[0-9]+$ ]] && ((u_ooo > 0)) && note "UDP $dir: iperf3 counted $u_ooo datagrams out of order"
         # Where the lost datagrams went: emulator drops (queue, loss) per link in that direction,
         # the sender's bond send drops + link queue drops, the receiver's skipped reorder gaps.
-        where="emulator queue drops $(delta_list "$emu_before" "$emu_after"); sender send/queue/UDP-send drops $(delta_list "$snd_before" "$snd_after" 1 2 5), TUN qdisc drops / kernel UDP send-buffer errors $(delta_list "$snd_before" "$snd_after" 9 8); receiver reorder skips/late $(delta_list "$rcv_before" "$rcv_after" 3 4), TUN write drops $(delta_list "$rcv_before" "$rcv_after" 6), kernel UDP receive-buffer overflows $(delta_list "$rcv_before" "$rcv_after" 7)"
+        where="emulator queue drops $(delta_list "$emu_before" "$emu_after"); sender send/queue/UDP-send drops $(delta_list "$snd_before" "$snd_after" 1 2 5), TUN qdisc / TUN driver drops $(delta_list "$snd_before" "$snd_after" 9 10), kernel UDP send-buffer errors $(delta_list "$snd_before" "$snd_after" 8); receiver reorder skips/late $(delta_list "$rcv_before" "$rcv_after" 3 4), TUN write drops $(delta_list "$rcv_before" "$rcv_after" 6), kernel UDP receive-buffer overflows $(delta_list "$rcv_before" "$rcv_after" 7)"
         LINES+=("| 6 | auto, UDP $dir ${UDP_MBIT} Mbit/s offered (90% of $RATE_SUM), $UDP_LEN B, ${DURATION} s | ${u_rate:-?} Mbit/s received | loss ${u_pct:-?}% (${u_lost:-?}/${u_pkts:-?}), out of order ${u_ooo:-?}; $where | <= 1%, 0 |")
     done
     wgb_stop

@@ -223,6 +223,10 @@ const PACING_BURST: Duration = Duration::from_millis(2);
 /// again. Counting all of it left the lab's 20 Mbit/s hetero link 8 % idle under a BBR
 /// download. Copies, repairs and latency-critical packets count all of it.
 const BULK_EXTRA_DELAY_DISCOUNT: (u32, u32) = (1, 5);
+/// The most that discount leaves out: a satellite's fifth (60 ms) would hold every packet
+/// behind one of its own that long at the receiver, and at a cold start, while the estimates
+/// are low and our queues look long, put bulk on it early.
+const BULK_DISCOUNT_MAX: Duration = Duration::from_millis(10);
 /// Hello resend interval until acknowledged, and refresh interval after.
 const HELLO_RETRY: Duration = Duration::from_secs(1);
 const HELLO_REFRESH: Duration = Duration::from_secs(10);
@@ -575,7 +579,9 @@ impl Bond {
                 owd,
                 loss: l.est.loss(),
                 repair: l.est.min_rtt().unwrap_or(Duration::from_millis(100)),
-                bulk_discount: base_owd * BULK_EXTRA_DELAY_DISCOUNT.0 / BULK_EXTRA_DELAY_DISCOUNT.1,
+                bulk_discount: (base_owd * BULK_EXTRA_DELAY_DISCOUNT.0
+                    / BULK_EXTRA_DELAY_DISCOUNT.1)
+                    .min(BULK_DISCOUNT_MAX),
             });
         }
     }

@@ -26,40 +26,16 @@ SCENARIO=${1:-hetero} MODE=${2:-auto} DURATION=${3:-8}
 lab_trap
 lab_up "$SCENARIO" --no-lan >/dev/null || exit 1
 HUB=$LAB_HUB_IP
-DEF_ALLOWED='"10.98.0.1/32"'
 for i in "${!LAB_LINK_NAME[@]}"; do t_warm site1 "$(lab_wan_ip 1 "$i")" "$HUB"; done
 WGBOND=${WGBOND:-$HERE/../target/release/wgbond}
 export WGBOND_RUN_DIR="$LAB_STATE/wgbond"
-hub_key=$("$WGBOND" genkey) site_key=$("$WGBOND" genkey)
-hub_pub=$("$WGBOND" pubkey <<<"$hub_key") site_pub=$("$WGBOND" pubkey <<<"$site_key")
-cat >"$LAB_STATE/bhub.toml" <<EOF
-[interface]
-private_key = "$hub_key"
-address = ["10.98.0.1/24"]
-listen_port = 51821
-table = "off"
-[bond]
-mode = "$MODE"
-${EXTRA_BOND:-}
-[[peer]]
-public_key = "$site_pub"
-allowed_ips = ["10.98.0.2/32"]
-EOF
-{ cat <<EOF
-[interface]
-private_key = "$site_key"
-address = ["10.98.0.2/24"]
-table = "${SITE_TABLE:-off}"
-[bond]
-mode = "$MODE"
-${EXTRA_BOND:-}
-[[peer]]
-public_key = "$hub_pub"
-allowed_ips = [${SITE_ALLOWED:-$DEF_ALLOWED}]
-endpoint = "$HUB:51821"
-EOF
-for i in "${!LAB_LINK_NAME[@]}"; do printf '[[link]]\nname = "%s"\nbind_interface = "wan%d"\n' "${LAB_LINK_NAME[$i]}" "$i"; done
-} >"$LAB_STATE/bsite.toml"
+t_bench_keys "$WGBOND" || exit 1
+t_bench_configs "$MODE" 10.98.0.1 10.98.0.2
+if [[ -n ${EXTRA_BOND:-} ]]; then
+    for f in "$LAB_STATE/bhub.toml" "$LAB_STATE/bsite.toml"; do
+        awk -v extra="$EXTRA_BOND" '{ print } /^mode = / { print extra }' "$f" >"$f.new" && mv "$f.new" "$f"
+    done
+fi
 lab_bg hub "$WGBOND" up "$LAB_STATE/bhub.toml" --foreground >"$LAB_STATE/wgbond-hub.log" 2>&1
 lab_bg site1 "$WGBOND" up "$LAB_STATE/bsite.toml" --foreground >"$LAB_STATE/wgbond-site.log" 2>&1
 for ((tries = 0; tries < 50; tries++)); do

@@ -214,15 +214,15 @@ pub const FEEDBACK_INTERVAL: Duration = Duration::from_millis(20);
 /// Pacing may fall this far behind the clock before credit is lost, so that a driver woken
 /// with millisecond timers can still send at full rate.
 const PACING_BURST: Duration = Duration::from_millis(2);
-/// Share of a longer link's extra one-way delay (numerator, denominator) that `auto` leaves out
-/// when it picks a bulk packet's link. The longer link then takes packets a little before the
+/// `auto` leaves out 1/this of a longer link's extra one-way delay when it picks a bulk
+/// packet's link. The longer link then takes packets a little before the
 /// shorter one's queue alone would send them there; they arrive up to that share of the
 /// difference after their neighbours on the shorter link and wait that long at the receiver,
 /// but the longer link stays busy through a window-limited sender's short pauses (BBR's drain
 /// phase, the gap after a burst) instead of idling until the shorter link's queue is full
 /// again. Counting all of it left the lab's 20 Mbit/s hetero link 8 % idle under a BBR
 /// download. Copies, repairs and latency-critical packets count all of it.
-const BULK_EXTRA_DELAY_DISCOUNT: (u32, u32) = (1, 5);
+const BULK_DISCOUNT_SHARE: u32 = 5;
 /// The most that discount leaves out: a satellite's fifth (60 ms) would hold every packet
 /// behind one of its own that long at the receiver, and at a cold start, while the estimates
 /// are low and our queues look long, put bulk on it early.
@@ -579,9 +579,7 @@ impl Bond {
                 owd,
                 loss: l.est.loss(),
                 repair: l.est.min_rtt().unwrap_or(Duration::from_millis(100)),
-                bulk_discount: (base_owd * BULK_EXTRA_DELAY_DISCOUNT.0
-                    / BULK_EXTRA_DELAY_DISCOUNT.1)
-                    .min(BULK_DISCOUNT_MAX),
+                bulk_discount: (base_owd / BULK_DISCOUNT_SHARE).min(BULK_DISCOUNT_MAX),
             });
         }
     }

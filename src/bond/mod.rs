@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use estimator::{LinkEstimator, RxLinkMeter};
 use reorder::ReorderBuffer;
-use scheduler::Candidate;
+use scheduler::{Candidate, PacketKind};
 use wire::{Control, Message};
 
 /// A link's number on the side that owns it (the site numbers its links 0..N in config order).
@@ -567,6 +567,7 @@ impl Bond {
                 .last_data_sent
                 .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
             let owd = base_owd + l.est.measured_queue().saturating_sub(idle);
+            let bulk_queue = l.queue_delay(now);
             self.cands.push(Candidate {
                 index,
                 state: l.est.state(),
@@ -574,12 +575,13 @@ impl Bond {
                 queue_delay: if urgent {
                     l.urgent_delay(now)
                 } else {
-                    l.queue_delay(now)
+                    bulk_queue
                 },
                 owd,
                 loss: l.est.loss(),
                 repair: l.est.min_rtt().unwrap_or(Duration::from_millis(100)),
                 bulk_discount: (base_owd / BULK_DISCOUNT_SHARE).min(BULK_DISCOUNT_MAX),
+                bulk_queue,
             });
         }
     }
@@ -594,8 +596,9 @@ impl Bond {
         // Latency-critical packets skip the bulk queues in every mode but `stripe` (kept as
         // plain earliest-arrival striping): a ping or a TCP ACK must not wait behind a
         // download, nor be dropped with it when the only link left is full.
-        if self.config.mode != Mode::Stripe && scheduler::is_critical(packet) {
-            if self.enqueue_urgent(packet, now) {
+        let kind = scheduler::classify(packet);
+        if self.config.mode != Mode::Stripe && kind != PacketKind::Bulk {
+            if self.enqueue_urgent(packet, kind, now) {
                 self.next_useq += 1;
             }
             return;
@@ -609,9 +612,9 @@ impl Bond {
     /// Queues a latency-critical packet ahead of bulk traffic and outside the ordered stream
     /// (the receiver delivers it at once): in `auto` on the two links where it arrives first,
     /// otherwise on the links the mode picks.
-    fn enqueue_urgent(&mut self, packet: &[u8], now: Instant) -> bool {
+    fn enqueue_urgent(&mut self, packet: &[u8], kind: PacketKind, now: Instant) -> bool {
         self.fill_candidates(now, true);
-        let targets = scheduler::choose(self.config.mode, &self.cands, true);
+        let targets = scheduler::choose(self.config.mode, &self.cands, kind);
         let mut flags = wire::FLAG_UNORDERED;
         if targets.is_duplicate() {
             flags |= wire::FLAG_DUPLICATE;
@@ -649,7 +652,7 @@ impl Bond {
     /// no link took it.
     fn enqueue(&mut self, seq: u64, packet: &[u8], data: Option<Vec<u8>>, now: Instant) -> bool {
         self.fill_candidates(now, false);
-        let targets = scheduler::choose(self.config.mode, &self.cands, false);
+        let targets = scheduler::choose(self.config.mode, &self.cands, PacketKind::Bulk);
         let mut data = data;
         let mut sent = false;
         let budget = self.config.max_queue_delay;
@@ -957,12 +960,12 @@ impl Bond {
         self.fill_candidates(now, true);
         // Copies in `auto` only: `failover` keeps a standby link idle, `stripe` is plain
         // striping, `duplicate` copies everything already.
-        let (mode, critical) = if repair && self.config.mode == Mode::Auto {
-            (Mode::Auto, true)
+        let (mode, kind) = if repair && self.config.mode == Mode::Auto {
+            (Mode::Auto, PacketKind::Critical)
         } else {
-            (Mode::Stripe, false)
+            (Mode::Stripe, PacketKind::Bulk)
         };
-        let targets = scheduler::choose(mode, &self.cands, critical);
+        let targets = scheduler::choose(mode, &self.cands, kind);
         let srtt = |i: usize| self.links[i].est.srtt();
         // Not on a link so slow (a satellite) that TCP would have sent it again by then.
         let copy_to = match targets.as_slice() {

@@ -31,6 +31,9 @@ pub struct Candidate {
     /// The part of the link's extra one-way delay that `auto` leaves out when it picks the
     /// link for a bulk packet (see [`Candidate::bulk_arrival`]).
     pub bulk_discount: Duration,
+    /// Time a bulk packet would wait in our queue for this link (the same as `queue_delay`
+    /// for a bulk packet; a latency-critical one overtakes it): whether the link has room.
+    pub bulk_queue: Duration,
 }
 
 impl Candidate {
@@ -102,9 +105,23 @@ fn state_rank(s: LinkState) -> u8 {
     }
 }
 
-/// Chooses the links for one packet. `critical` says the packet is latency-critical (see
-/// [`is_critical`]); `cands` holds every link (any state).
-pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
+/// What a packet is, as far as the scheduler cares (see [`classify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketKind {
+    /// Bulk traffic: striped over the links.
+    Bulk,
+    /// A TCP segment without payload or flags beyond ACK (a pure ACK): latency-critical, but
+    /// as frequent as the data it acknowledges and cumulative (the next one covers a lost
+    /// one), so `auto` copies it only onto a link with room to spare.
+    PureAck,
+    /// Any other latency-critical packet: `auto` always sends it on the two links where it
+    /// arrives first.
+    Critical,
+}
+
+/// Chooses the links for one packet of `kind`; `cands` holds every link (any state).
+pub fn choose(mode: Mode, cands: &[Candidate], kind: PacketKind) -> Targets {
+    let critical = kind != PacketKind::Bulk;
     let mut t = Targets::default();
     // Only the healthiest class of link is eligible: usable links, else links still probing
     // (start-up), else anything (every link looks down: try them all rather than go silent).
@@ -156,7 +173,13 @@ pub fn choose(mode: Mode, cands: &[Candidate], critical: bool) -> Targets {
                 Candidate::arrival,
             );
             if critical {
-                if let Some(second) = second {
+                // A pure ACK's copy only where bulk traffic leaves room: under a transfer the
+                // other way, an ACK stream is a few percent of it, and on a full second link
+                // its copies took that much from the bulk traffic there (both directions
+                // loaded at once), for ACKs whose loss the next ACK covers anyway.
+                if let Some(second) =
+                    second.filter(|s| kind == PacketKind::Critical || s.bulk_queue <= SPARE)
+                {
                     t.push(second.index);
                 }
                 return t;
@@ -199,8 +222,15 @@ fn earliest<'a>(
 /// True for packets whose delay or loss hurts far more than their size costs: TCP SYN, FIN,
 /// RST and pure ACKs, DNS, small UDP (voice, games), DSCP EF and AF4x.
 pub fn is_critical(packet: &[u8]) -> bool {
+    classify(packet) != PacketKind::Bulk
+}
+
+/// Sorts an inner IP packet into bulk, pure TCP ACK and other latency-critical traffic (see
+/// [`is_critical`]).
+pub fn classify(packet: &[u8]) -> PacketKind {
+    use PacketKind::{Bulk, Critical, PureAck};
     let Some(&first) = packet.first() else {
-        return false;
+        return Bulk;
     };
     let (proto, dscp, l4) = match first >> 4 {
         4 if packet.len() >= 20 => {
@@ -212,26 +242,33 @@ pub fn is_critical(packet: &[u8]) -> bool {
             ((packet[0] & 0x0f) << 2) | (packet[1] >> 6),
             &packet[40..],
         ),
-        _ => return false,
+        _ => return Bulk,
     };
     if dscp == 46 || matches!(dscp, 34 | 36 | 38) {
-        return true;
+        return Critical;
     }
+    let critical_if = |c: bool| if c { Critical } else { Bulk };
     match proto {
         6 if l4.len() >= 20 => {
             let flags = l4[13];
             let data_off = usize::from(l4[12] >> 4) * 4;
-            // SYN, FIN, RST, or no payload (pure ACK).
-            flags & 0x07 != 0 || l4.len() <= data_off
+            if flags & 0x07 != 0 {
+                // SYN, FIN or RST.
+                Critical
+            } else if l4.len() <= data_off {
+                PureAck
+            } else {
+                Bulk
+            }
         }
         17 if l4.len() >= 8 => {
             let sport = u16::from_be_bytes([l4[0], l4[1]]);
             let dport = u16::from_be_bytes([l4[2], l4[3]]);
-            sport == 53 || dport == 53 || l4.len() <= 300
+            critical_if(sport == 53 || dport == 53 || l4.len() <= 300)
         }
         // ICMP and ICMPv6: pings are how users judge a link (large ICMP is bulk).
-        1 | 58 => packet.len() <= 300,
-        _ => false,
+        1 | 58 => critical_if(packet.len() <= 300),
+        _ => Bulk,
     }
 }
 
@@ -249,6 +286,7 @@ mod tests {
             loss: 0.0,
             repair: Duration::from_millis(30),
             bulk_discount: Duration::from_millis(owd_ms) / 5,
+            bulk_queue: Duration::from_millis(q_ms),
         }
     }
 
@@ -257,20 +295,23 @@ mod tests {
         // Fast: 22 ms of queue; slow: idle, 25 ms longer. True arrivals 22 and 25 ms; bulk
         // leaves a fifth of the 25 out.
         let c = [cand(0, LinkState::Up, 22, 0), cand(1, LinkState::Up, 0, 25)];
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[1]);
-        assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
-        assert_eq!(choose(Mode::Stripe, &c, false).as_slice(), &[0]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[1]);
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::Critical).as_slice(),
+            &[0, 1]
+        );
+        assert_eq!(choose(Mode::Stripe, &c, PacketKind::Bulk).as_slice(), &[0]);
         // A shorter queue than four fifths of the difference: the fast link still.
         let c = [cand(0, LinkState::Up, 19, 0), cand(1, LinkState::Up, 0, 25)];
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[0]);
     }
 
     #[test]
     fn stripe_prefers_earliest_arrival() {
         let c = [cand(0, LinkState::Up, 10, 0), cand(1, LinkState::Up, 0, 25)];
-        assert_eq!(choose(Mode::Stripe, &c, false).as_slice(), &[0]);
+        assert_eq!(choose(Mode::Stripe, &c, PacketKind::Bulk).as_slice(), &[0]);
         let c = [cand(0, LinkState::Up, 30, 0), cand(1, LinkState::Up, 0, 25)];
-        assert_eq!(choose(Mode::Stripe, &c, false).as_slice(), &[1]);
+        assert_eq!(choose(Mode::Stripe, &c, PacketKind::Bulk).as_slice(), &[1]);
     }
 
     #[test]
@@ -280,39 +321,83 @@ mod tests {
             cand(1, LinkState::Up, 0, 5),
             cand(2, LinkState::Degraded, 0, 9),
         ];
-        assert_eq!(choose(Mode::Duplicate, &c, false).as_slice(), &[1, 2]);
-        assert_eq!(choose(Mode::Failover, &c, false).as_slice(), &[1]);
+        assert_eq!(
+            choose(Mode::Duplicate, &c, PacketKind::Bulk).as_slice(),
+            &[1, 2]
+        );
+        assert_eq!(
+            choose(Mode::Failover, &c, PacketKind::Bulk).as_slice(),
+            &[1]
+        );
         let c = [
             cand(0, LinkState::Down, 0, 0),
             cand(1, LinkState::Probing, 0, 0),
         ];
-        assert_eq!(choose(Mode::Failover, &c, false).as_slice(), &[1]);
+        assert_eq!(
+            choose(Mode::Failover, &c, PacketKind::Bulk).as_slice(),
+            &[1]
+        );
         let c = [
             cand(0, LinkState::Down, 0, 0),
             cand(1, LinkState::Down, 0, 0),
         ];
-        assert_eq!(choose(Mode::Duplicate, &c, false).as_slice(), &[0, 1]);
+        assert_eq!(
+            choose(Mode::Duplicate, &c, PacketKind::Bulk).as_slice(),
+            &[0, 1]
+        );
     }
 
     #[test]
     fn auto_duplicates_critical_and_lossy() {
         let mut c = [cand(0, LinkState::Up, 0, 0), cand(1, LinkState::Up, 0, 20)];
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0]);
-        assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[0]);
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::Critical).as_slice(),
+            &[0, 1]
+        );
         c[0].loss = 0.1;
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 1]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[0, 1]);
         // A copy on the other link that would arrive after a repair of the original is not
         // worth its room: the copy goes right behind the original on the same link.
         c[0].repair = Duration::from_millis(15);
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 0]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[0, 0]);
         // Likewise when the other link has no room.
         c[0].repair = Duration::from_millis(30);
         c[1].queue_delay = Duration::from_millis(5);
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0, 0]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[0, 0]);
         // No copy at all while the first link is backed up: bulk traffic needs the room.
         c[0].queue_delay = Duration::from_millis(5);
-        assert_eq!(choose(Mode::Auto, &c, false).as_slice(), &[0]);
-        assert_eq!(choose(Mode::Auto, &c, true).as_slice(), &[0, 1]);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::Bulk).as_slice(), &[0]);
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::Critical).as_slice(),
+            &[0, 1]
+        );
+    }
+
+    #[test]
+    fn auto_copies_a_pure_ack_only_onto_a_link_with_room() {
+        // Urgent candidates: the queue a critical packet waits in is short on both links, the
+        // slow link's bulk queue is long (a transfer the other way fills it).
+        let mut c = [cand(0, LinkState::Up, 0, 0), cand(1, LinkState::Up, 0, 25)];
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(),
+            &[0, 1]
+        );
+        c[1].bulk_queue = Duration::from_millis(15);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(), &[0]);
+        // A ping or a SYN is copied all the same, and `duplicate` copies everything.
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::Critical).as_slice(),
+            &[0, 1]
+        );
+        assert_eq!(
+            choose(Mode::Duplicate, &c, PacketKind::PureAck).as_slice(),
+            &[0, 1]
+        );
+        // The first link is the one where the ACK arrives first, room or not.
+        c[0].bulk_queue = Duration::from_millis(40);
+        c[0].queue_delay = Duration::from_millis(30);
+        assert_eq!(choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(), &[1]);
     }
 
     #[test]
@@ -330,6 +415,15 @@ mod tests {
         let mut ack = syn.clone();
         ack[33] = 0x10;
         assert!(is_critical(&ack));
+        assert_eq!(classify(&ack), PacketKind::PureAck);
+        assert_eq!(classify(&syn), PacketKind::Critical);
+        let mut fin_ack = ack.clone();
+        fin_ack[33] = 0x11;
+        assert_eq!(classify(&fin_ack), PacketKind::Critical);
+        assert_eq!(classify(&bulk), PacketKind::Bulk);
+        let mut ef_ack = ack.clone();
+        ef_ack[1] = 46 << 2;
+        assert_eq!(classify(&ef_ack), PacketKind::Critical);
         let mut ef = bulk.clone();
         ef[1] = 46 << 2;
         assert!(is_critical(&ef));

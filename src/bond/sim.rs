@@ -274,6 +274,8 @@ const TCP_SACK_MAX: usize = 16;
 
 /// Length of the fake IPv4/UDP header in front of the packet id.
 const ID_AT: usize = 28;
+/// Where a pure ACK carries its id: 20 bytes into its TCP header's 40 (the options).
+const TCP_ID_AT: usize = 40;
 
 impl Sim {
     /// A site and a hub in `mode`, one link per spec (same in both directions).
@@ -396,6 +398,13 @@ impl Sim {
         self.add_source(pps * 84 * 8, 84, Traffic::Ping)
     }
 
+    /// Starts a stream of `pps` pure TCP ACKs a second (60 bytes: no payload, the packet id
+    /// in the TCP options), like the ACKs of a transfer the other way.
+    pub fn start_pure_acks(&mut self, pps: u64) -> usize {
+        let len = TCP_ID_AT + 20;
+        self.add_source(pps * len as u64 * 8, len, Traffic::PureAck)
+    }
+
     fn add_source(&mut self, rate_bps: u64, len: usize, kind: Traffic) -> usize {
         self.sources.push(Source {
             rate_bps,
@@ -451,6 +460,7 @@ impl Sim {
         let proto = match kind {
             Traffic::Bulk => 17,
             Traffic::Ping => 1,
+            Traffic::PureAck => 6,
         };
         let p = ip_packet(len, proto, 5000, id);
         self.site.handle_outbound(&p, self.now);
@@ -727,6 +737,8 @@ pub enum Traffic {
     Bulk,
     /// ICMP echo requests (latency-critical).
     Ping,
+    /// Pure TCP ACKs (latency-critical, copied only where there is room).
+    PureAck,
 }
 
 struct Source {
@@ -748,9 +760,26 @@ fn ip_packet(len: usize, proto: u8, sport: u16, id: u64) -> Vec<u8> {
     p[16..20].copy_from_slice(&[10, 0, 0, 2]);
     p[20..22].copy_from_slice(&sport.to_be_bytes());
     p[22..24].copy_from_slice(&(sport + 1).to_be_bytes());
-    p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
-    p[ID_AT..ID_AT + 8].copy_from_slice(&id.to_be_bytes());
+    if proto == 6 {
+        // A pure ACK: a 40-byte TCP header (flags ACK), the id in its options.
+        p[32] = (40 / 4) << 4;
+        p[33] = 0x10;
+    } else {
+        p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
+    }
+    let at = id_at(&p);
+    p[at..at + 8].copy_from_slice(&id.to_be_bytes());
     p
+}
+
+/// Where a packet of the simulator carries its id: after the UDP header, or in the TCP
+/// options of a pure ACK (clear of the TCP header's flags).
+fn id_at(packet: &[u8]) -> usize {
+    if packet.get(9) == Some(&6) {
+        TCP_ID_AT
+    } else {
+        ID_AT
+    }
 }
 
 /// UDP source port of the TCP model's packets.
@@ -780,7 +809,8 @@ fn tcp_fields(packet: &[u8], mark: u8) -> Option<(usize, u64)> {
 }
 
 fn packet_id(packet: &[u8]) -> Option<u64> {
-    let b = packet.get(ID_AT..ID_AT + 8)?;
+    let at = id_at(packet);
+    let b = packet.get(at..at + 8)?;
     Some(u64::from_be_bytes(b.try_into().ok()?))
 }
 

@@ -8,26 +8,29 @@
 #     then again as a daemon that has been up a while runs,
 # and prints a markdown table; efficiency = goodput / sum of the single-link WireGuard goodputs.
 #
-# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST]
-#                                  [--cc ALGORITHM] [--output FILE]
+# Usage: sudo netns-tests/bench.sh [SCENARIO...] [--time SECONDS] [--omit SECONDS] [--wgbond]
+#                                  [--modes LIST] [--cc ALGORITHM] [--output FILE]
 #        (default scenario hetero, 10 s per measurement; several scenarios run one after the
 #        other, each in its own lab, their tables together in FILE; --modes: comma-separated
 #        wgbond modes, default auto,stripe,duplicate,failover; --cc: TCP congestion control
-#        of every sender in the lab, e.g. cubic or bbr, default the host's)
+#        of every sender in the lab, e.g. cubic or bbr, default the host's; --omit: iperf3 -O,
+#        every transfer runs that much longer and its first SECONDS are left out of its
+#        figure, references alike: the steady state without each transfer's start)
 set -u
 # shellcheck source=testlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
 SCENARIOS=() DURATION=10 WITH_WGBOND=0 OUTPUT="" OPTIONS=() MODES=auto,stripe,duplicate,failover
-CC="" IPERF_CC=()
+CC="" IPERF_CC=() OMIT=0
 while (($#)); do
     case $1 in
     --time) DURATION=${2:-}; OPTIONS+=(--time "$DURATION"); shift ;;
     --wgbond) WITH_WGBOND=1; OPTIONS+=(--wgbond) ;;
     --modes) MODES=${2:-}; OPTIONS+=(--modes "$MODES"); shift ;;
     --cc) CC=${2:-}; OPTIONS+=(--cc "$CC"); IPERF_CC=(-C "$CC"); shift ;;
+    --omit) OMIT=${2:-}; OPTIONS+=(--omit "$OMIT"); shift ;;
     --output) OUTPUT=${2:-}; shift ;;
-    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--wgbond] [--modes LIST] [--cc ALGORITHM] [--output FILE]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [SCENARIO...] [--time SECONDS] [--omit SECONDS] [--wgbond] [--modes LIST] [--cc ALGORITHM] [--output FILE]" >&2; exit 2 ;;
     *) SCENARIOS+=("$1") ;;
     esac
     shift
@@ -46,6 +49,7 @@ if ((${#SCENARIOS[@]} > 1)); then
 fi
 SCENARIO=${SCENARIOS[0]}
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 2 && DURATION <= 120)) || { echo "--time: 2..120 seconds" >&2; exit 2; }
+[[ $OMIT =~ ^[0-9]+$ ]] && ((OMIT <= 30)) || { echo "--omit: 0..30 seconds" >&2; exit 2; }
 [[ $MODES =~ ^(auto|stripe|duplicate|failover)(,(auto|stripe|duplicate|failover))*$ ]] ||
     { echo "--modes: comma-separated list of auto, stripe, duplicate, failover" >&2; exit 2; }
 # iperf3 -C sets it on both ends' sockets (as root, also one the namespace's sysctl would not
@@ -97,7 +101,7 @@ rtt_percentiles() {
 bench_iperf() {
     local src=$1 dst=$2 out="$LAB_STATE/iperf-last.txt" rate
     shift 2
-    lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$DURATION" ${IPERF_CC[@]+"${IPERF_CC[@]}"} "$@" >"$out" 2>&1
+    lab_exec site1 timeout $((DURATION + OMIT + 15)) iperf3 -f m -c "$dst" -p "$IPERF_PORT" -B "$src" -t "$DURATION" -O "$OMIT" ${IPERF_CC[@]+"${IPERF_CC[@]}"} "$@" >"$out" 2>&1
     rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }' "$out")
     [[ -n $rate ]] || { echo "bench: iperf3 $* to $dst failed:"; tail -n 3 "$out"; } >&2
     echo "$rate"
@@ -109,7 +113,7 @@ measure() {
     local dst=$1 src=$2 pings="$LAB_STATE/bench-ping.txt" ping_pid
     shift 2
     t_fresh_iperf_server hub || { echo "bench: iperf3 server did not start" >&2; exit 1; }
-    lab_exec site1 ping -n -I "$src" -i 0.1 -w "$DURATION" "$dst" >"$pings" 2>&1 &
+    lab_exec site1 ping -n -I "$src" -i 0.1 -w "$((DURATION + OMIT))" "$dst" >"$pings" 2>&1 &
     ping_pid=$!
     LAB_PIDS+=("$ping_pid")
     DOWN=$(bench_iperf "$src" "$dst" -R "$@")
@@ -117,7 +121,7 @@ measure() {
     read -r P50 P95 < <(rtt_percentiles "$pings")
     UP=$(bench_iperf "$src" "$dst" "$@")
     DOWN4=$(bench_iperf "$src" "$dst" -R -P 4 "$@")
-    GB=$(t_calc "(${DOWN:-0} + ${UP:-0} + ${DOWN4:-0}) * $DURATION / 8 / 1000")
+    GB=$(t_calc "(${DOWN:-0} + ${UP:-0} + ${DOWN4:-0}) * $((DURATION + OMIT)) / 8 / 1000")
 }
 
 row() { ROWS+=("$1|${2:-?}|${3:-?}|${4:-}|${5:-}|${DOWN4:-}"); }
@@ -198,10 +202,10 @@ done
 lab_bg hub mptcpize run iperf3 -s -p 5301 >/dev/null 2>&1
 sleep 0.5
 mptcp_iperf() {
-    lab_exec site1 timeout $((DURATION + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" ${IPERF_CC[@]+"${IPERF_CC[@]}"} "$@" 2>&1 |
+    lab_exec site1 timeout $((DURATION + OMIT + 15)) mptcpize run iperf3 -f m -c "$HUB" -p 5301 -t "$DURATION" -O "$OMIT" ${IPERF_CC[@]+"${IPERF_CC[@]}"} "$@" 2>&1 |
         awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }'
 }
-lab_exec site1 ping -n -i 0.1 -w "$DURATION" "$HUB" >"$LAB_STATE/bench-ping.txt" 2>&1 &
+lab_exec site1 ping -n -i 0.1 -w "$((DURATION + OMIT))" "$HUB" >"$LAB_STATE/bench-ping.txt" 2>&1 &
 ping_pid=$!
 LAB_PIDS+=("$ping_pid")
 DOWN=$(mptcp_iperf -R)
@@ -254,7 +258,7 @@ fi
 
 eff() { [[ $1 =~ ^[0-9.]+$ ]] && awk -v v="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.2f", v / s }'; }
 {
-    echo "Scenario \`$SCENARIO\` ($(sed -e 's/#.*//' -e '/^ *$/d' "$LAB_SCENARIO" | awk '{printf "%s%s %s Mbit/s %s ms", sep, $1, $2, $3; sep="; "}')), one TCP stream (${CC}), ${DURATION} s each;"
+    echo "Scenario \`$SCENARIO\` ($(sed -e 's/#.*//' -e '/^ *$/d' "$LAB_SCENARIO" | awk '{printf "%s%s %s Mbit/s %s ms", sep, $1, $2, $3; sep="; "}')), one TCP stream (${CC}), ${DURATION} s each$( ((OMIT)) && echo " after the first $OMIT s (iperf3 -O $OMIT)");"
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), commit $(git -C "$LAB_REPO" rev-parse --short HEAD 2>/dev/null || echo '?')."
     echo "Efficiency = goodput / sum of the single-link wireguard-go goodputs ($WG_SUM_DOWN down, $WG_SUM_UP up)."
     echo

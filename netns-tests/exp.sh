@@ -10,7 +10,8 @@
 #   WGBOND=PATH     the binary (default target/release/wgbond)
 #   CC=cubic        iperf3 -C on both ends (default: the host's, BBR here)
 #   WARM=1          4 s of TCP each way first, so that the rate estimates are warm
-#   DIRS="down up"  the directions, in order
+#   DIRS="down up"  the directions, in order; "both" is one stream each way at once
+#                   (iperf3 --bidir), both goodputs printed
 #   UDP=72M         iperf3 -u at that rate, 1300-byte datagrams, instead of TCP
 #   INTERVALS=1     print iperf3's per-second figures
 #   EVENT='CMD'     run CMD in the background during each direction, with the lab's
@@ -59,13 +60,19 @@ if [[ -n ${WARM:-} ]]; then
 fi
 for dir in ${DIRS:-down up}; do
     [[ -n ${EVENT:-} ]] && { ( eval "$EVENT" ) & evp=$!; }
-    if [[ $dir == down ]]; then args=(-R); role=hub; dst=10.98.0.2; else args=(); role=site1; dst=10.98.0.1; fi
+    case $dir in
+    down) args=(-R); role=hub; dst=10.98.0.2 ;;
+    both) args=(--bidir); role=site1; dst=10.98.0.1 ;;
+    *) args=(); role=site1; dst=10.98.0.1 ;;
+    esac
     sample "$role" "$dst" > "$LAB_STATE/ss-$dir.txt" &
     sp=$!
     [[ -n ${UDP:-} ]] && args+=(-u -b "$UDP" -l 1300) && [[ $dir == up ]] && args+=(--get-server-output)
     lab_exec site1 timeout $((DURATION + 15)) iperf3 -f m -c 10.98.0.1 -B 10.98.0.2 -t "$DURATION" ${CC:+-C $CC} "${args[@]}" > $LAB_STATE/iperf.txt 2>&1
     [[ -n ${UDP:-} ]] && grep -E "receiver|out-of-order" $LAB_STATE/iperf.txt | tail -3 && [[ -n ${INTERVALS:-} ]] && grep -E "sec .*%\)" $LAB_STATE/iperf.txt | awk '{print $3, $(NF-1)}' | tr '\n' ';' 
-    rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i } END { print v }' $LAB_STATE/iperf.txt)
+    # With --bidir: "up U + down D = SUM" (iperf3 tags the site's sending stream TX-C).
+    rate=$(awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i; if (/TX-C/) u = v; else if (/RX-C/) d = v }
+        END { if (u != "" && d != "") printf "up %s + down %s = %.1f", u, d, u + d; else print v }' $LAB_STATE/iperf.txt)
     [[ -n ${INTERVALS:-} ]] && grep -E "sec .*Mbits/sec" $LAB_STATE/iperf.txt | awk '{print $3, $7, $8}' | tr '\n' ';'; echo
     [[ -n ${EVENT:-} ]] && wait $evp
     wait $sp

@@ -269,6 +269,46 @@ const FEATURES: Control = Control::Features {
 /// within a millisecond or two while it has a window open, and a notice per pause is enough.
 const TAIL_DELAY: Duration = Duration::from_millis(2);
 
+/// Share of a link's estimated rate that copies of latency-critical packets may take while
+/// its bulk queue is backed up: a ping stream's or a voice call's copies fit in it (a
+/// 50-packet-a-second voice call is under 0.5 % of 20 Mbit/s), a stream of small packets as
+/// frequent as a transfer's ACKs (QUIC's, say) does not, and its copies would take their room
+/// from bulk traffic.
+const COPY_SHARE: f64 = 0.02;
+/// Most credit a link saves up for such copies: `COPY_SHARE` of this long (at least
+/// `COPY_CREDIT_MIN`, so that a full-size packet can have a copy).
+const COPY_CREDIT_SPAN: Duration = Duration::from_millis(100);
+const COPY_CREDIT_MIN: f64 = 3000.0;
+
+/// Room for copies of latency-critical packets on a link whose bulk queue is backed up: a
+/// token bucket filled at [`COPY_SHARE`] of the link's estimated rate.
+#[derive(Default)]
+struct CopyCredit {
+    bytes: f64,
+    at: Option<Instant>,
+}
+
+impl CopyCredit {
+    /// Takes `bytes` of credit if there is that much; false: no copy.
+    fn take(&mut self, bytes: usize, rate_bps: u64, now: Instant) -> bool {
+        let per_s = rate_bps as f64 / 8.0 * COPY_SHARE;
+        let cap = (per_s * COPY_CREDIT_SPAN.as_secs_f64()).max(COPY_CREDIT_MIN);
+        // A fresh bucket starts full.
+        self.bytes = match self.at {
+            Some(t) => self.bytes + per_s * now.saturating_duration_since(t).as_secs_f64(),
+            None => cap,
+        }
+        .min(cap);
+        self.at = Some(now);
+        if self.bytes >= bytes as f64 {
+            self.bytes -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 struct Queued {
     seq: u64,
     flags: u8,
@@ -326,6 +366,8 @@ struct Link {
     tail_pending: bool,
     /// When to tell the peer this link's last link sequence number (its queue ran dry).
     tail_at: Option<Instant>,
+    /// Room for copies of latency-critical packets while the bulk queue is backed up.
+    copy_credit: CopyCredit,
     stats: LinkStats,
 }
 
@@ -336,14 +378,20 @@ impl Link {
     /// average: the pacing gain cycles around it, and using the momentary gain would be
     /// wrong for every packet that waits through a phase change.
     fn queue_delay(&self, now: Instant) -> Duration {
+        let drain = self.bulk_backlog();
+        let paced = drain + self.next_send.saturating_duration_since(now);
+        let modem = self.est.modem_queue(now) + drain;
+        paced.max(modem)
+    }
+
+    /// Time our bulk queue (and the packets to send again) takes to drain at the estimated
+    /// rate: bulk traffic waiting for the link, which a copy sent ahead of it pushes back.
+    fn bulk_backlog(&self) -> Duration {
         let bits = (self.queued_bytes + self.queue.len() * TUNNEL_OVERHEAD + self.resend_wire_bytes)
             as u64
             * 8;
         let rate = self.est.est_rate_bps();
-        let drain = Duration::from_nanos(bits.saturating_mul(1_000_000_000) / rate.max(1));
-        let paced = drain + self.next_send.saturating_duration_since(now);
-        let modem = self.est.modem_queue(now) + drain;
-        paced.max(modem)
+        Duration::from_nanos(bits.saturating_mul(1_000_000_000) / rate.max(1))
     }
 
     /// The same for a latency-critical packet, which overtakes our bulk queue but not the
@@ -495,6 +543,7 @@ impl Bond {
             last_data_sent: None,
             tail_pending: false,
             tail_at: None,
+            copy_credit: CopyCredit::default(),
         });
         self.links.sort_by_key(|l| l.id);
     }
@@ -567,7 +616,6 @@ impl Bond {
                 .last_data_sent
                 .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
             let owd = base_owd + l.est.measured_queue().saturating_sub(idle);
-            let bulk_queue = l.queue_delay(now);
             self.cands.push(Candidate {
                 index,
                 state: l.est.state(),
@@ -575,13 +623,13 @@ impl Bond {
                 queue_delay: if urgent {
                     l.urgent_delay(now)
                 } else {
-                    bulk_queue
+                    l.queue_delay(now)
                 },
                 owd,
                 loss: l.est.loss(),
                 repair: l.est.min_rtt().unwrap_or(Duration::from_millis(100)),
                 bulk_discount: (base_owd / BULK_DISCOUNT_SHARE).min(BULK_DISCOUNT_MAX),
-                bulk_queue,
+                bulk_backlog: l.bulk_backlog(),
             });
         }
     }
@@ -614,7 +662,18 @@ impl Bond {
     /// otherwise on the links the mode picks.
     fn enqueue_urgent(&mut self, packet: &[u8], kind: PacketKind, now: Instant) -> bool {
         self.fill_candidates(now, true);
-        let targets = scheduler::choose(self.config.mode, &self.cands, kind);
+        let mut targets = scheduler::choose(self.config.mode, &self.cands, kind);
+        // In `auto`, a copy onto a link whose bulk queue is backed up takes its room from bulk
+        // traffic: only within that link's copy credit.
+        if let (Mode::Auto, &[_, second, ..]) = (self.config.mode, targets.as_slice()) {
+            if self.cands[second].bulk_backlog > scheduler::SPARE {
+                let rate = self.links[second].est.est_rate_bps();
+                let wire_bytes = packet.len() + TUNNEL_OVERHEAD;
+                if !self.links[second].copy_credit.take(wire_bytes, rate, now) {
+                    targets.keep_first();
+                }
+            }
+        }
         let mut flags = wire::FLAG_UNORDERED;
         if targets.is_duplicate() {
             flags |= wire::FLAG_DUPLICATE;
@@ -1640,6 +1699,27 @@ impl Bond {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn copy_credit_is_two_percent_of_the_rate() {
+        // 20 Mbit/s: 50 kB/s of credit, at most 5 kB saved up.
+        let t0 = Instant::now();
+        let mut c = CopyCredit::default();
+        let taken = (0..100).filter(|_| c.take(144, 20_000_000, t0)).count();
+        assert_eq!(taken, 5_000 / 144);
+        assert!(!c.take(144, 20_000_000, t0));
+        // A second later: one second's 50 kB, but no more than the 5 kB the bucket holds.
+        let t1 = t0 + Duration::from_secs(1);
+        let taken = (0..100).filter(|_| c.take(144, 20_000_000, t1)).count();
+        assert_eq!(taken, 5_000 / 144);
+        // 10 ms later: 500 bytes and the 104 left over, four pings' copies.
+        let t2 = t1 + Duration::from_millis(10);
+        let taken = (0..100).filter(|_| c.take(144, 20_000_000, t2)).count();
+        assert_eq!(taken, 4);
+        // A slow link still has room for one full-size packet's copy.
+        let mut c = CopyCredit::default();
+        assert!(c.take(1_460, 1_000_000, t0));
+    }
 
     fn hub_with_link() -> (Bond, Instant) {
         let now = Instant::now();

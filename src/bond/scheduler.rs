@@ -31,9 +31,9 @@ pub struct Candidate {
     /// The part of the link's extra one-way delay that `auto` leaves out when it picks the
     /// link for a bulk packet (see [`Candidate::bulk_arrival`]).
     pub bulk_discount: Duration,
-    /// Time a bulk packet would wait in our queue for this link (the same as `queue_delay`
-    /// for a bulk packet; a latency-critical one overtakes it): whether the link has room.
-    pub bulk_queue: Duration,
+    /// Time the bulk traffic queued for this link takes to drain: a copy sent ahead of it
+    /// pushes it back (no room to spare).
+    pub bulk_backlog: Duration,
 }
 
 impl Candidate {
@@ -88,6 +88,11 @@ impl Targets {
     /// The chosen link indexes (a link twice: two copies on it).
     pub fn as_slice(&self) -> &[usize] {
         &self.idx[..self.len]
+    }
+
+    /// Drops every copy but the first.
+    pub fn keep_first(&mut self) {
+        self.len = self.len.min(1);
     }
 
     /// More than one copy.
@@ -178,7 +183,7 @@ pub fn choose(mode: Mode, cands: &[Candidate], kind: PacketKind) -> Targets {
                 // its copies took that much from the bulk traffic there (both directions
                 // loaded at once), for ACKs whose loss the next ACK covers anyway.
                 if let Some(second) =
-                    second.filter(|s| kind == PacketKind::Critical || s.bulk_queue <= SPARE)
+                    second.filter(|s| kind == PacketKind::Critical || s.bulk_backlog <= SPARE)
                 {
                     t.push(second.index);
                 }
@@ -286,7 +291,7 @@ mod tests {
             loss: 0.0,
             repair: Duration::from_millis(30),
             bulk_discount: Duration::from_millis(owd_ms) / 5,
-            bulk_queue: Duration::from_millis(q_ms),
+            bulk_backlog: Duration::from_millis(q_ms),
         }
     }
 
@@ -383,7 +388,7 @@ mod tests {
             choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(),
             &[0, 1]
         );
-        c[1].bulk_queue = Duration::from_millis(15);
+        c[1].bulk_backlog = Duration::from_millis(15);
         assert_eq!(choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(), &[0]);
         // A ping or a SYN is copied all the same, and `duplicate` copies everything.
         assert_eq!(
@@ -395,7 +400,7 @@ mod tests {
             &[0, 1]
         );
         // The first link is the one where the ACK arrives first, room or not.
-        c[0].bulk_queue = Duration::from_millis(40);
+        c[0].bulk_backlog = Duration::from_millis(40);
         c[0].queue_delay = Duration::from_millis(30);
         assert_eq!(choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(), &[1]);
     }

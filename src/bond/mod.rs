@@ -657,16 +657,30 @@ impl Bond {
         }
     }
 
+    /// Link `i` takes a latency-critical packet now (the candidates filled for one).
+    fn urgent_room(&self, i: usize) -> bool {
+        self.cands[i].queue_delay <= self.config.max_queue_delay
+            && self.links[i].urgent.len() < MAX_URGENT
+    }
+
     /// Queues a latency-critical packet ahead of bulk traffic and outside the ordered stream
     /// (the receiver delivers it at once): in `auto` on the two links where it arrives first,
     /// otherwise on the links the mode picks.
     fn enqueue_urgent(&mut self, packet: &[u8], kind: PacketKind, now: Instant) -> bool {
         self.fill_candidates(now, true);
         let mut targets = scheduler::choose(self.config.mode, &self.cands, kind);
-        // In `auto`, a copy onto a link whose bulk queue is backed up takes its room from bulk
-        // traffic: only within that link's copy credit.
-        if let (Mode::Auto, &[_, second, ..]) = (self.config.mode, targets.as_slice()) {
-            if self.cands[second].bulk_backlog > scheduler::SPARE {
+        // In `auto`, a real-time packet's copy onto a link whose bulk queue is backed up takes
+        // its room from bulk traffic: only within that link's copy credit, and only while the
+        // first link is healthy and takes the packet (else the copy is what gets through).
+        // Decided before anything is queued: a packet flagged as a copy is given up when its
+        // link dies ("the other copy is on its way").
+        if let (Mode::Auto, PacketKind::Realtime, &[first, second, ..]) =
+            (self.config.mode, kind, targets.as_slice())
+        {
+            if self.cands[second].bulk_backlog > scheduler::SPARE
+                && self.cands[first].healthy()
+                && self.urgent_room(first)
+            {
                 let rate = self.links[second].est.est_rate_bps();
                 let wire_bytes = packet.len() + TUNNEL_OVERHEAD;
                 if !self.links[second].copy_credit.take(wire_bytes, rate, now) {
@@ -680,9 +694,7 @@ impl Bond {
         }
         let mut sent = false;
         for &i in targets.as_slice() {
-            if self.cands[i].queue_delay > self.config.max_queue_delay
-                || self.links[i].urgent.len() >= MAX_URGENT
-            {
+            if !self.urgent_room(i) {
                 self.links[i].stats.queue_drops += 1;
                 continue;
             }

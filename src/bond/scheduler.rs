@@ -48,11 +48,17 @@ impl Candidate {
     pub fn bulk_arrival(&self) -> Duration {
         self.arrival().saturating_sub(self.bulk_discount)
     }
+
+    /// Up and not lossy: a packet sent on it alone very likely arrives.
+    pub fn healthy(&self) -> bool {
+        self.state == LinkState::Up && self.loss <= LOSSY
+    }
 }
 
 /// Loss rate above which `auto` also sends a copy on another link.
 pub const LOSSY: f64 = 0.03;
-/// A link whose queue is this short has room for copies.
+/// A link whose queue is this short has room for copies: its `queue_delay` for copies of a
+/// lossy link's bulk packets, its `bulk_backlog` for copies of latency-critical ones.
 pub const SPARE: Duration = Duration::from_millis(2);
 /// A copy of ordered data is worth sending, and waiting for, only on a link at most this much
 /// longer in one-way delay than the fastest: a satellite's copy would come too late to fill a
@@ -119,8 +125,12 @@ pub enum PacketKind {
     /// as frequent as the data it acknowledges and cumulative (the next one covers a lost
     /// one), so `auto` copies it only onto a link with room to spare.
     PureAck,
-    /// Any other latency-critical packet: `auto` always sends it on the two links where it
-    /// arrives first.
+    /// Small UDP (voice, games, QUIC's ACKs) and DSCP EF/AF4x: latency-critical, but possibly
+    /// a busy stream, so `auto`'s copies onto a link whose bulk traffic waits take at most a
+    /// small share of it (the bond's copy credit).
+    Realtime,
+    /// TCP SYN, FIN and RST, DNS, pings, repairs: rare, and each one matters; `auto` always
+    /// sends them on the two links where they arrive first.
     Critical,
 }
 
@@ -181,10 +191,13 @@ pub fn choose(mode: Mode, cands: &[Candidate], kind: PacketKind) -> Targets {
                 // A pure ACK's copy only where bulk traffic leaves room: under a transfer the
                 // other way, an ACK stream is a few percent of it, and on a full second link
                 // its copies took that much from the bulk traffic there (both directions
-                // loaded at once), for ACKs whose loss the next ACK covers anyway.
-                if let Some(second) =
-                    second.filter(|s| kind == PacketKind::Critical || s.bulk_backlog <= SPARE)
-                {
+                // loaded at once), for ACKs whose loss the next ACK covers anyway. Not while
+                // the first link is failing or lossy: then the copy is what gets through. (A
+                // lost ACK that nothing follows, such as the handshake's last, costs a resend
+                // timeout; it needs a loss on the first link and a full second one.)
+                if let Some(second) = second.filter(|s| {
+                    kind != PacketKind::PureAck || s.bulk_backlog <= SPARE || !first.healthy()
+                }) {
                     t.push(second.index);
                 }
                 return t;
@@ -225,22 +238,29 @@ fn earliest<'a>(
 }
 
 /// True for packets whose delay or loss hurts far more than their size costs: TCP SYN, FIN,
-/// RST and pure ACKs, DNS, small UDP (voice, games), DSCP EF and AF4x.
+/// RST and pure ACKs, DNS, small UDP (voice, games), small ICMP, DSCP EF and AF4x.
 pub fn is_critical(packet: &[u8]) -> bool {
     classify(packet) != PacketKind::Bulk
 }
 
-/// Sorts an inner IP packet into bulk, pure TCP ACK and other latency-critical traffic (see
-/// [`is_critical`]).
+/// Sorts an inner IP packet into bulk and the kinds of latency-critical traffic (see
+/// [`PacketKind`]). A packet it cannot read (truncated, an IPv4 fragment after the first, an
+/// IPv6 extension header) is bulk, unless its DSCP marks it.
 pub fn classify(packet: &[u8]) -> PacketKind {
-    use PacketKind::{Bulk, Critical, PureAck};
+    use PacketKind::{Bulk, Critical, PureAck, Realtime};
     let Some(&first) = packet.first() else {
         return Bulk;
     };
     let (proto, dscp, l4) = match first >> 4 {
         4 if packet.len() >= 20 => {
             let ihl = usize::from(first & 0x0f) * 4;
-            (packet[9], packet[1] >> 2, packet.get(ihl..).unwrap_or(&[]))
+            // The transport header is only in the first fragment.
+            let later_fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff != 0;
+            let l4 = match packet.get(ihl..) {
+                Some(l4) if ihl >= 20 && !later_fragment => l4,
+                _ => &[],
+            };
+            (packet[9], packet[1] >> 2, l4)
         }
         6 if packet.len() >= 40 => (
             packet[6],
@@ -249,10 +269,8 @@ pub fn classify(packet: &[u8]) -> PacketKind {
         ),
         _ => return Bulk,
     };
-    if dscp == 46 || matches!(dscp, 34 | 36 | 38) {
-        return Critical;
-    }
-    let critical_if = |c: bool| if c { Critical } else { Bulk };
+    let marked = dscp == 46 || matches!(dscp, 34 | 36 | 38);
+    let realtime_if = |c: bool| if c || marked { Realtime } else { Bulk };
     match proto {
         6 if l4.len() >= 20 => {
             let flags = l4[13];
@@ -260,20 +278,24 @@ pub fn classify(packet: &[u8]) -> PacketKind {
             if flags & 0x07 != 0 {
                 // SYN, FIN or RST.
                 Critical
-            } else if l4.len() <= data_off {
+            } else if l4.len() <= data_off && !marked {
                 PureAck
             } else {
-                Bulk
+                realtime_if(false)
             }
         }
         17 if l4.len() >= 8 => {
             let sport = u16::from_be_bytes([l4[0], l4[1]]);
             let dport = u16::from_be_bytes([l4[2], l4[3]]);
-            critical_if(sport == 53 || dport == 53 || l4.len() <= 300)
+            if sport == 53 || dport == 53 {
+                Critical
+            } else {
+                realtime_if(l4.len() <= 300)
+            }
         }
         // ICMP and ICMPv6: pings are how users judge a link (large ICMP is bulk).
-        1 | 58 => critical_if(packet.len() <= 300),
-        _ => Bulk,
+        1 | 58 if packet.len() <= 300 => Critical,
+        _ => realtime_if(false),
     }
 }
 
@@ -399,6 +421,19 @@ mod tests {
             choose(Mode::Duplicate, &c, PacketKind::PureAck).as_slice(),
             &[0, 1]
         );
+        // A failing or lossy first link: the copy is what gets through.
+        c[0].state = LinkState::Degraded;
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(),
+            &[0, 1]
+        );
+        c[0].state = LinkState::Up;
+        c[0].loss = 0.05;
+        assert_eq!(
+            choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(),
+            &[0, 1]
+        );
+        c[0].loss = 0.0;
         // The first link is the one where the ACK arrives first, room or not.
         c[0].bulk_backlog = Duration::from_millis(40);
         c[0].queue_delay = Duration::from_millis(30);
@@ -428,7 +463,24 @@ mod tests {
         assert_eq!(classify(&bulk), PacketKind::Bulk);
         let mut ef_ack = ack.clone();
         ef_ack[1] = 46 << 2;
-        assert_eq!(classify(&ef_ack), PacketKind::Critical);
+        assert_eq!(classify(&ef_ack), PacketKind::Realtime);
+        let mut voice = vec![0u8; 200];
+        voice[0] = 0x45;
+        voice[9] = 17;
+        assert_eq!(classify(&voice), PacketKind::Realtime);
+        let mut ping = vec![0u8; 84];
+        ping[0] = 0x45;
+        ping[9] = 1;
+        assert_eq!(classify(&ping), PacketKind::Critical);
+        // A later fragment of a TCP segment: no TCP header to read.
+        let mut frag = ack.clone();
+        frag[6] = 0x00;
+        frag[7] = 0xb9;
+        assert_eq!(classify(&frag), PacketKind::Bulk);
+        // An IHL below 5 is not a header to read either.
+        let mut bad_ihl = ack.clone();
+        bad_ihl[0] = 0x42;
+        assert_eq!(classify(&bad_ihl), PacketKind::Bulk);
         let mut ef = bulk.clone();
         ef[1] = 46 << 2;
         assert!(is_critical(&ef));
@@ -437,6 +489,8 @@ mod tests {
         dns[9] = 17;
         dns[23] = 53;
         assert!(is_critical(&dns));
+        assert_eq!(classify(&ef), PacketKind::Realtime);
+        assert_eq!(classify(&dns), PacketKind::Critical);
         assert!(!is_critical(&[0x45]));
         assert!(!is_critical(&[]));
     }

@@ -749,7 +749,8 @@ struct Source {
 }
 
 /// An IPv4 packet of `len` bytes from 10.0.0.1 to 10.0.0.2 with protocol `proto`, a UDP
-/// header from port `sport` to `sport + 1` (ICMP carries the same bytes) and the packet id.
+/// header from port `sport` to `sport + 1` (ICMP carries the same bytes; TCP, proto 6, a
+/// pure ACK's header with the id in its options) and the packet id.
 fn ip_packet(len: usize, proto: u8, sport: u16, id: u64) -> Vec<u8> {
     let mut p = vec![0u8; len];
     p[0] = 0x45;

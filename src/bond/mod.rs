@@ -275,9 +275,9 @@ const TAIL_DELAY: Duration = Duration::from_millis(2);
 /// frequent as a transfer's ACKs (QUIC's, say) does not, and its copies would take their room
 /// from bulk traffic.
 const COPY_SHARE: f64 = 0.02;
-/// Most credit a link saves up for such copies: `COPY_SHARE` of this long (at least
-/// `COPY_CREDIT_MIN`, so that a full-size packet can have a copy).
+/// Most credit a link saves up for such copies: `COPY_SHARE` of this long.
 const COPY_CREDIT_SPAN: Duration = Duration::from_millis(100);
+/// But at least this many bytes, so that a slow link can still copy a full-size packet.
 const COPY_CREDIT_MIN: f64 = 3000.0;
 
 /// Room for copies of latency-critical packets on a link whose bulk queue is backed up: a

@@ -587,6 +587,26 @@ fn loss_on_one_of_two_alike_links_is_repaired_before_tcp_sees_it() {
     }
 }
 
+/// A simulator of `links` with an upload at the bond's capacity from 0.5 s on; its source.
+fn upload_at_capacity(links: &[LinkSpec], seed: u64) -> (Sim, usize) {
+    let mut sim = Sim::new(Mode::Auto, links, seed);
+    sim.run_until(0.5);
+    let bulk = sim.start_source(95.0, 1400);
+    (sim, bulk)
+}
+
+/// 2,000 small (100-byte) UDP packets a second: QUIC's ACKs, say.
+fn start_small_packets(sim: &mut Sim) -> usize {
+    sim.start_source(2000.0 * 100.0 * 8.0 / 1e6, 100)
+}
+
+/// Runs until `secs`, stops every source, and lets what is in flight arrive.
+fn run_then_stop(sim: &mut Sim, secs: f64) {
+    sim.run_until(secs);
+    sim.stop_source();
+    sim.run_until(secs + 0.5);
+}
+
 #[test]
 fn acks_of_a_transfer_the_other_way_leave_bulk_its_room() {
     // Both directions loaded: the site uploads at the bond's capacity and acknowledges a
@@ -594,13 +614,9 @@ fn acks_of_a_transfer_the_other_way_leave_bulk_its_room() {
     // go first on the link where they arrive first, but a copy on the other link would take
     // its room from the upload: copied every time, the upload ran at 75.0 Mbit/s (0.937 of
     // the sum) with 24,202 copies (counted on both links); now 77.2 (0.965) with 146.
-    let mut sim = Sim::new(Mode::Auto, &hetero(), 3);
-    sim.run_until(0.5);
-    let bulk = sim.start_source(95.0, 1400);
+    let (mut sim, bulk) = upload_at_capacity(&hetero(), 3);
     let acks = sim.start_pure_acks(2200);
-    sim.run_until(6.0);
-    sim.stop_source();
-    sim.run_until(6.5);
+    run_then_stop(&mut sim, 6.0);
     let b = sim.report_source(bulk, 2.0, 6.0);
     let a = sim.report_source(acks, 2.0, 6.0);
     let copies: u64 = sim
@@ -635,14 +651,10 @@ fn copies_of_a_busy_small_packet_stream_stay_within_their_share() {
     // size, not told apart from voice) and a 50 pps ping stream beside the upload. Copies onto
     // the full second link get 2 % of its rate: copied every time, the upload ran at 0.927 of
     // the sum with 11,277 copies; now 0.956 with 2,048 (the pings always have theirs).
-    let mut sim = Sim::new(Mode::Auto, &hetero(), 3);
-    sim.run_until(0.5);
-    let bulk = sim.start_source(95.0, 1400);
-    let small = sim.start_source(2000.0 * 100.0 * 8.0 / 1e6, 100);
+    let (mut sim, bulk) = upload_at_capacity(&hetero(), 3);
+    let small = start_small_packets(&mut sim);
     let ping = sim.start_ping(50);
-    sim.run_until(6.0);
-    sim.stop_source();
-    sim.run_until(6.5);
+    run_then_stop(&mut sim, 6.0);
     let b = sim.report_source(bulk, 2.0, 6.0);
     let s = sim.report_source(small, 2.0, 6.0);
     let p = sim.report_source(ping, 2.0, 6.0);
@@ -665,15 +677,11 @@ fn pings_keep_their_copies_when_a_link_dies_under_two_way_load() {
     // link do not depend on that credit, and while the dying link is failing every copy goes.
     let mut links = hetero();
     links[0] = links[0].clone().outage(3.0, 6.0);
-    let mut sim = Sim::new(Mode::Auto, &links, 5);
-    sim.run_until(0.5);
-    let _bulk = sim.start_source(95.0, 1400);
-    let small = sim.start_source(2000.0 * 100.0 * 8.0 / 1e6, 100);
+    let (mut sim, _bulk) = upload_at_capacity(&links, 5);
+    let small = start_small_packets(&mut sim);
     let ping = sim.start_ping(50);
     let acks = sim.start_pure_acks(2200);
-    sim.run_until(8.0);
-    sim.stop_source();
-    sim.run_until(8.5);
+    run_then_stop(&mut sim, 8.0);
     let p = sim.report_source(ping, 2.0, 8.0);
     let s = sim.report_source(small, 2.0, 8.0);
     let a = sim.report_source(acks, 2.0, 8.0);

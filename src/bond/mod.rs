@@ -376,11 +376,11 @@ impl Link {
     /// pacing queue, or behind what the modem still has to send (predicted from the
     /// estimated rate), whichever is longer. The queue drains at the estimated rate on
     /// average: the pacing gain cycles around it, and using the momentary gain would be
-    /// wrong for every packet that waits through a phase change.
-    fn queue_delay(&self, now: Instant) -> Duration {
-        let drain = self.bulk_backlog();
-        let paced = drain + self.next_send.saturating_duration_since(now);
-        let modem = self.est.modem_queue(now) + drain;
+    /// wrong for every packet that waits through a phase change. `backlog` is
+    /// [`Link::bulk_backlog`] (taken once per packet for both).
+    fn queue_delay(&self, backlog: Duration, now: Instant) -> Duration {
+        let paced = backlog + self.next_send.saturating_duration_since(now);
+        let modem = self.est.modem_queue(now) + backlog;
         paced.max(modem)
     }
 
@@ -616,6 +616,7 @@ impl Bond {
                 .last_data_sent
                 .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
             let owd = base_owd + l.est.measured_queue().saturating_sub(idle);
+            let bulk_backlog = l.bulk_backlog();
             self.cands.push(Candidate {
                 index,
                 state: l.est.state(),
@@ -623,13 +624,13 @@ impl Bond {
                 queue_delay: if urgent {
                     l.urgent_delay(now)
                 } else {
-                    l.queue_delay(now)
+                    l.queue_delay(bulk_backlog, now)
                 },
                 owd,
                 loss: l.est.loss(),
                 repair: l.est.min_rtt().unwrap_or(Duration::from_millis(100)),
                 bulk_discount: (base_owd / BULK_DISCOUNT_SHARE).min(BULK_DISCOUNT_MAX),
-                bulk_backlog: l.bulk_backlog(),
+                bulk_backlog,
             });
         }
     }

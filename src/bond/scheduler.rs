@@ -237,14 +237,9 @@ fn earliest<'a>(
         .min_by_key(|c| (arrival(c), c.index))
 }
 
-/// True for packets whose delay or loss hurts far more than their size costs: TCP SYN, FIN,
-/// RST and pure ACKs, DNS, small UDP (voice, games), small ICMP, DSCP EF and AF4x.
-pub fn is_critical(packet: &[u8]) -> bool {
-    classify(packet) != PacketKind::Bulk
-}
-
 /// Sorts an inner IP packet into bulk and the kinds of latency-critical traffic (see
-/// [`PacketKind`]). A packet it cannot read (truncated, an IPv4 fragment after the first, an
+/// [`PacketKind`]): packets whose delay or loss hurts far more than their size costs are TCP
+/// SYN, FIN, RST and pure ACKs, DNS, small UDP (voice, games), small ICMP, DSCP EF and AF4x. A packet it cannot read (truncated, an IPv4 fragment after the first, an
 /// IPv6 extension header) is bulk, unless its DSCP marks it.
 pub fn classify(packet: &[u8]) -> PacketKind {
     use PacketKind::{Bulk, Critical, PureAck, Realtime};
@@ -440,6 +435,10 @@ mod tests {
         assert_eq!(choose(Mode::Auto, &c, PacketKind::PureAck).as_slice(), &[1]);
     }
 
+    fn is_critical_packet(packet: &[u8]) -> bool {
+        classify(packet) != PacketKind::Bulk
+    }
+
     #[test]
     fn classifies_critical_packets() {
         let mut syn = vec![0u8; 40];
@@ -447,14 +446,14 @@ mod tests {
         syn[9] = 6;
         syn[32] = 0x50;
         syn[33] = 0x02;
-        assert!(is_critical(&syn));
+        assert!(is_critical_packet(&syn));
         let mut bulk = syn.clone();
         bulk[33] = 0x10;
         bulk.resize(1400, 0);
-        assert!(!is_critical(&bulk));
+        assert!(!is_critical_packet(&bulk));
         let mut ack = syn.clone();
         ack[33] = 0x10;
-        assert!(is_critical(&ack));
+        assert!(is_critical_packet(&ack));
         assert_eq!(classify(&ack), PacketKind::PureAck);
         assert_eq!(classify(&syn), PacketKind::Critical);
         let mut fin_ack = ack.clone();
@@ -483,15 +482,15 @@ mod tests {
         assert_eq!(classify(&bad_ihl), PacketKind::Bulk);
         let mut ef = bulk.clone();
         ef[1] = 46 << 2;
-        assert!(is_critical(&ef));
+        assert!(is_critical_packet(&ef));
         let mut dns = vec![0u8; 600];
         dns[0] = 0x45;
         dns[9] = 17;
         dns[23] = 53;
-        assert!(is_critical(&dns));
+        assert!(is_critical_packet(&dns));
         assert_eq!(classify(&ef), PacketKind::Realtime);
         assert_eq!(classify(&dns), PacketKind::Critical);
-        assert!(!is_critical(&[0x45]));
-        assert!(!is_critical(&[]));
+        assert!(!is_critical_packet(&[0x45]));
+        assert!(!is_critical_packet(&[]));
     }
 }

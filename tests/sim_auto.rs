@@ -691,3 +691,57 @@ fn pings_keep_their_copies_when_a_link_dies_under_two_way_load() {
     );
     assert!(p.lost <= 3, "{}", p.lost);
 }
+
+#[test]
+fn a_bond_that_was_busy_before_a_pause_does_not_overfill_the_modems_when_load_returns() {
+    // The estimates were measured with the links full; after a quiet spell they still hold.
+    // Doubling past them again (start-up) would overfill each modem's 50 ms buffer for a
+    // round trip: drops that the receiver must wait out, a stall the sender sees as a dip.
+    let mut sim = Sim::new(Mode::Auto, &hetero(), 7);
+    sim.run_until(0.5);
+    let b = sim.start_source(92.0, 1400);
+    sim.run_until(3.5);
+    sim.set_source_rate(b, 0.5);
+    sim.run_until(6.0);
+    let before: Vec<u64> = (0..2).map(|i| sim.up_stats(i).queue_drops).collect();
+    sim.set_source_rate(b, 92.0);
+    sim.run_until(8.5);
+    let drops: Vec<u64> = (0..2)
+        .map(|i| sim.up_stats(i).queue_drops - before[i])
+        .collect();
+    let first = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 80e6;
+    let second = sim.report_source(b, 7.0, 8.0).link_rate_bps as f64 / 80e6;
+    println!(
+        "load back after a pause: modem queue drops fast {} slow {}; {first:.3} of the links in the first second, {second:.3} in the next",
+        drops[0], drops[1]
+    );
+    assert!(drops.iter().sum::<u64>() <= 5, "modem drops {drops:?}");
+    assert!(first >= 0.9, "first second {first}");
+    assert!(second >= 0.95, "second second {second}");
+}
+
+#[test]
+fn a_link_that_got_faster_during_a_pause_is_found_when_load_returns() {
+    // The slow link doubles its rate while the bond is quiet: its estimate (20 Mbit/s, its
+    // capacity when last full) is stale, and the probes above it must find 40 quickly.
+    let links = [
+        LinkSpec::new(60.0, 10),
+        LinkSpec::new(20.0, 35).rate_change(4.0, 40.0),
+    ];
+    let mut sim = Sim::new(Mode::Auto, &links, 7);
+    sim.run_until(0.5);
+    let b = sim.start_source(92.0, 1400);
+    sim.run_until(3.5);
+    sim.set_source_rate(b, 0.5);
+    sim.run_until(6.0);
+    sim.set_source_rate(b, 115.0);
+    sim.run_until(8.5);
+    let first = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 100e6;
+    let second = sim.report_source(b, 7.0, 8.0).link_rate_bps as f64 / 100e6;
+    let est = sim.site.link_stats()[1].1.est_rate_bps as f64 / 1e6;
+    println!(
+        "a link 20 -> 40 Mbit/s while quiet: {first:.3} of the new sum in the first second, {second:.3} in the next; estimate {est:.1} Mbit/s"
+    );
+    assert!(first >= 0.8, "first second {first}");
+    assert!(second >= 0.95, "second second {second}");
+}

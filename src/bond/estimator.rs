@@ -92,6 +92,14 @@ pub struct LinkEstimator {
     last_feedback: Option<(u32, u32, u32, u64)>,
     /// Last delivery-rate sample taken while we kept the link busy.
     last_full_sample: Option<Instant>,
+    /// The estimate was measured with a queue standing at the bottleneck (the link full),
+    /// so it is the link's capacity, not only what the traffic so far needed.
+    capacity_found: bool,
+    /// Last delivery-rate sample, busy or not, of at least half the estimate.
+    last_busy_sample: Option<Instant>,
+    /// The current probe cycle began when load returned after a quiet spell: a probe that
+    /// finds more means the link changed while quiet, and start-up finds how much.
+    probing_after_quiet: bool,
     /// Start of the current delivery-rate sample: (receiver time, bytes, what held it back).
     rate_base: Option<(u32, u64, Held)>,
     /// Relative one-way delay and jitter the peer measured for this link, microseconds.
@@ -131,6 +139,9 @@ impl LinkEstimator {
             last_feedback: None,
             rate_base: None,
             last_full_sample: None,
+            capacity_found: false,
+            last_busy_sample: None,
+            probing_after_quiet: false,
             owd_us: None,
             min_owd_us: None,
             jitter_us: 0,
@@ -284,7 +295,22 @@ impl LinkEstimator {
             .last_full_sample
             .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(1));
         if stale {
-            self.restart(now);
+            let quiet = self
+                .last_busy_sample
+                .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(1));
+            if self.capacity_found && quiet {
+                // The estimate is the capacity measured when the link was last full: doubling
+                // past it again would overfill the modem's buffer for a round trip (drops
+                // the receiver must wait out). Probe above it instead; a probe that finds more
+                // is followed by the next at once, so a link that got faster while quiet is
+                // still found within a few rounds.
+                self.phase = Phase::Cycle(0);
+                self.phase_start = now;
+                self.probe_base = self.est_rate_bps;
+                self.probing_after_quiet = true;
+            } else {
+                self.restart(now);
+            }
             // Counts as busy from here: no second restart before the first sample.
             self.last_full_sample = Some(now);
         }
@@ -293,6 +319,8 @@ impl LinkEstimator {
     /// Finds the capacity again as at start-up. Samples from here on are startup's, not held
     /// back by an earlier drain.
     fn restart(&mut self, now: Instant) {
+        self.capacity_found = false;
+        self.probing_after_quiet = false;
         self.phase = Phase::Startup;
         self.phase_start = now;
         self.startup_best = 0;
@@ -532,8 +560,14 @@ impl LinkEstimator {
     }
 
     fn on_rate_sample(&mut self, rate: u64, now: Instant, held: Held) {
+        if rate.saturating_mul(2) >= self.est_rate_bps {
+            self.last_busy_sample = Some(now);
+        }
         if !held.app {
             self.last_full_sample = Some(now);
+            if !held.drain && self.standing_queue() {
+                self.capacity_found = true;
+            }
         }
         // What arrived while we paced below the estimate to drain shows our pacing, not the
         // link (a backlog waited in our queue): kept only if above the estimate, as an
@@ -582,6 +616,7 @@ impl LinkEstimator {
             Phase::Startup => {
                 // A queue is building: the capacity has been found.
                 if !self.queue_drained() && self.est_rate_bps > INITIAL_RATE_BPS {
+                    self.capacity_found = true;
                     self.phase = Phase::Drain;
                     self.phase_start = now;
                     return;
@@ -626,8 +661,21 @@ impl LinkEstimator {
                     // cruising out the cycle first, so
                     // that a link that speeds up from 15 to 60 Mbit/s is followed within
                     // about ten rounds rather than a second.
+                    // After a quiet spell the estimate is the old capacity, its samples
+                    // long gone: any rise beyond their noise means the link changed.
+                    if i >= 2
+                        && self.probing_after_quiet
+                        && self.est_rate_bps as f64 >= self.probe_base as f64 * 1.03
+                    {
+                        // The link got faster while quiet: double per round, not 25%.
+                        self.restart(now);
+                        return;
+                    }
                     if i >= 2 && self.est_rate_bps as f64 >= self.probe_base as f64 * 1.1 {
                         next = 0;
+                    }
+                    if next == 0 {
+                        self.probing_after_quiet = false;
                     }
                     if next == 0 {
                         self.probe_base = self.est_rate_bps;

@@ -718,6 +718,29 @@ fn a_bond_that_was_busy_before_a_pause_does_not_overfill_the_modems_when_load_re
     assert!(drops.iter().sum::<u64>() <= 5, "modem drops {drops:?}");
     assert!(first >= 0.9, "first second {first}");
     assert!(second >= 0.95, "second second {second}");
+
+    // The same through cable-lte-sat: LTE's 5 ms jitter and 1 % loss must not read as a link
+    // that got faster (which would double past its capacity after all). The old rule dropped
+    // 38, 6 and 12 packets at the modems with these seeds.
+    for seed in 1..=3 {
+        let mut sim = Sim::new(Mode::Auto, &cable_lte_sat(), seed);
+        sim.run_until(0.5);
+        let b = sim.start_source(92.0, 1400);
+        sim.run_until(3.5);
+        sim.set_source_rate(b, 0.5);
+        sim.run_until(6.0);
+        let before: Vec<u64> = (0..3).map(|i| sim.up_stats(i).queue_drops).collect();
+        sim.set_source_rate(b, 92.0);
+        sim.run_until(8.5);
+        let drops: Vec<u64> = (0..3)
+            .map(|i| sim.up_stats(i).queue_drops - before[i])
+            .collect();
+        let first = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 80e6;
+        println!(
+            "cable-lte-sat, seed {seed}: modem queue drops {drops:?}; {first:.3} of the links in the first second"
+        );
+        assert!(drops.iter().sum::<u64>() <= 5, "modem drops {drops:?}");
+    }
 }
 
 #[test]
@@ -742,6 +765,8 @@ fn a_link_that_got_faster_during_a_pause_is_found_when_load_returns() {
     println!(
         "a link 20 -> 40 Mbit/s while quiet: {first:.3} of the new sum in the first second, {second:.3} in the next; estimate {est:.1} Mbit/s"
     );
-    assert!(first >= 0.8, "first second {first}");
+    // Probing alone (25 % more per probe) read 0.841 in the first second, its estimate 38.1.
+    assert!(first >= 0.92, "first second {first}");
     assert!(second >= 0.95, "second second {second}");
+    assert!(est >= 38.5, "estimate {est:.1} Mbit/s");
 }

@@ -692,23 +692,32 @@ fn pings_keep_their_copies_when_a_link_dies_under_two_way_load() {
     assert!(p.lost <= 3, "{}", p.lost);
 }
 
-#[test]
-fn a_bond_that_was_busy_before_a_pause_does_not_overfill_the_modems_when_load_returns() {
-    // The estimates were measured with the links full; after a quiet spell they still hold.
-    // Doubling past them again (start-up) would overfill each modem's 50 ms buffer for a
-    // round trip: drops that the receiver must wait out, a stall the sender sees as a dip.
-    let mut sim = Sim::new(Mode::Auto, &hetero(), 7);
+/// A saturating source for 3 s, 2.5 s at 0.5 Mbit/s, then `load_mbit` from 6 s to 8.5 s.
+/// Returns the simulator, the source and each link's modem queue drops since the load came back.
+fn busy_pause_then_load(links: &[LinkSpec], seed: u64, load_mbit: f64) -> (Sim, usize, Vec<u64>) {
+    let mut sim = Sim::new(Mode::Auto, links, seed);
     sim.run_until(0.5);
     let b = sim.start_source(92.0, 1400);
     sim.run_until(3.5);
     sim.set_source_rate(b, 0.5);
     sim.run_until(6.0);
-    let before: Vec<u64> = (0..2).map(|i| sim.up_stats(i).queue_drops).collect();
-    sim.set_source_rate(b, 92.0);
+    let before: Vec<u64> = (0..links.len())
+        .map(|i| sim.up_stats(i).queue_drops)
+        .collect();
+    sim.set_source_rate(b, load_mbit);
     sim.run_until(8.5);
-    let drops: Vec<u64> = (0..2)
+    let drops = (0..links.len())
         .map(|i| sim.up_stats(i).queue_drops - before[i])
         .collect();
+    (sim, b, drops)
+}
+
+#[test]
+fn a_bond_that_was_busy_before_a_pause_does_not_overfill_the_modems_when_load_returns() {
+    // The estimates were measured with the links full; after a quiet spell they still hold.
+    // Doubling past them again (start-up) would overfill each modem's 50 ms buffer for a
+    // round trip: drops that the receiver must wait out, a stall the sender sees as a dip.
+    let (sim, b, drops) = busy_pause_then_load(&hetero(), 7, 92.0);
     let first = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 80e6;
     let second = sim.report_source(b, 7.0, 8.0).link_rate_bps as f64 / 80e6;
     println!(
@@ -723,18 +732,7 @@ fn a_bond_that_was_busy_before_a_pause_does_not_overfill_the_modems_when_load_re
     // that got faster (which would double past its capacity after all). The old rule dropped
     // 38, 6 and 12 packets at the modems with these seeds.
     for seed in 1..=3 {
-        let mut sim = Sim::new(Mode::Auto, &cable_lte_sat(), seed);
-        sim.run_until(0.5);
-        let b = sim.start_source(92.0, 1400);
-        sim.run_until(3.5);
-        sim.set_source_rate(b, 0.5);
-        sim.run_until(6.0);
-        let before: Vec<u64> = (0..3).map(|i| sim.up_stats(i).queue_drops).collect();
-        sim.set_source_rate(b, 92.0);
-        sim.run_until(8.5);
-        let drops: Vec<u64> = (0..3)
-            .map(|i| sim.up_stats(i).queue_drops - before[i])
-            .collect();
+        let (sim, b, drops) = busy_pause_then_load(&cable_lte_sat(), seed, 92.0);
         let first = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 80e6;
         println!(
             "cable-lte-sat, seed {seed}: modem queue drops {drops:?}; {first:.3} of the links in the first second"
@@ -751,14 +749,7 @@ fn a_link_that_got_faster_during_a_pause_is_found_when_load_returns() {
         LinkSpec::new(60.0, 10),
         LinkSpec::new(20.0, 35).rate_change(4.0, 40.0),
     ];
-    let mut sim = Sim::new(Mode::Auto, &links, 7);
-    sim.run_until(0.5);
-    let b = sim.start_source(92.0, 1400);
-    sim.run_until(3.5);
-    sim.set_source_rate(b, 0.5);
-    sim.run_until(6.0);
-    sim.set_source_rate(b, 115.0);
-    sim.run_until(8.5);
+    let (sim, b, _) = busy_pause_then_load(&links, 7, 115.0);
     let first = sim.report_source(b, 6.0, 7.0).link_rate_bps as f64 / 100e6;
     let second = sim.report_source(b, 7.0, 8.0).link_rate_bps as f64 / 100e6;
     let est = sim.site.link_stats()[1].1.est_rate_bps as f64 / 1e6;
